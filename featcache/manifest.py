@@ -1,0 +1,312 @@
+"""The manifest: the CSV that says which images to embed, whose they are and what they show.
+
+Format (see docs/ARCHITECTURE.md): a header row, one row per image.
+
+* ``path`` (required): image file relative to the root (default: the manifest's folder).
+* ``id``: unique row id (default: ``path``).
+* ``patient_id``: patient id (default: ``id``); all rows of a patient share one split.
+* ``split``: ``train``, ``val``, ``test`` or blank.
+* ``label``: a class-name column (multi-class task).
+* ``mask``: segmentation mask path relative to the root (blank: none).
+* ``meta_*``: free-text metadata kept as strings.
+* every other column: a binary label (``1``, ``0``, ``-1`` uncertain, blank missing).
+
+Everything is validated before any model is loaded, and every problem found is
+reported at once in one line that names the rows (CSV line numbers, header = line 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import ManifestError
+
+RESERVED = ("path", "id", "patient_id", "split", "label", "mask")
+SPLITS = ("train", "val", "test", "")
+_LABEL_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": np.nan}
+_MAX_NAMED = 5
+
+
+@dataclass
+class Manifest:
+    """A validated manifest.
+
+    Attributes:
+        source: the CSV file it was read from (or a description).
+        root: folder the ``path`` and ``mask`` columns are relative to.
+        paths: str [N], image paths relative to ``root``.
+        ids: str [N], unique row ids.
+        patient_ids: str [N].
+        splits: str [N], one of ``train``/``val``/``test``/``""``.
+        label_names: the binary label columns, in file order (multi-label task).
+        labels: float32 [N, L], 1 / 0 / -1 raw, NaN where blank.
+        classes: str [N] class names for a ``label`` column ('' = missing), else None.
+        masks: str [N] mask paths relative to ``root`` ('' = none).
+        meta: ``meta_*`` columns, each str [N].
+    """
+
+    source: str
+    root: Path
+    paths: np.ndarray
+    ids: np.ndarray
+    patient_ids: np.ndarray
+    splits: np.ndarray
+    label_names: list[str] = field(default_factory=list)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    classes: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def task(self) -> str:
+        """``multilabel``, ``multiclass`` or ``none``."""
+        if self.classes is not None:
+            return "multiclass"
+        return "multilabel" if self.label_names else "none"
+
+    def abspath(self, i: int) -> Path:
+        """Absolute path of row ``i``'s image."""
+        return self.root / self.paths[i]
+
+    def digest(self) -> str:
+        """SHA-256 of the manifest's content (not its formatting): ids, paths, patients, splits, labels."""
+        h = hashlib.sha256()
+        payload = {
+            "ids": self.ids.tolist(),
+            "paths": self.paths.tolist(),
+            "patient_ids": self.patient_ids.tolist(),
+            "splits": self.splits.tolist(),
+            "label_names": self.label_names,
+            "labels": [[None if np.isnan(v) else float(v) for v in row] for row in self.labels.tolist()],
+            "classes": None if self.classes is None else self.classes.tolist(),
+            "masks": None if self.masks is None else self.masks.tolist(),
+        }
+        h.update(json.dumps(payload, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+def _rows_text(lines: list[int], ids: list[str] | None = None) -> str:
+    shown = lines[:_MAX_NAMED]
+    text = ", ".join(str(n) for n in shown)
+    if ids is not None:
+        text += " (" + ", ".join(ids[:_MAX_NAMED]) + ")"
+    if len(lines) > _MAX_NAMED:
+        text += f" and {len(lines) - _MAX_NAMED} more"
+    return text
+
+
+def _inside(root: Path, rel: str) -> bool:
+    if os.path.isabs(rel):
+        return False
+    target = os.path.normpath(os.path.join(str(root), rel))
+    return target == str(root) or target.startswith(str(root) + os.sep)
+
+
+def read_manifest(csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest CSV.
+
+    Args:
+        csv_path: the CSV file.
+        root: folder that ``path`` and ``mask`` are relative to (default: the CSV's folder).
+        check_files: check that every image (and mask) file exists.
+
+    Returns:
+        The validated ``Manifest``.
+
+    Raises:
+        ManifestError: one line listing every problem found, with CSV line numbers.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ManifestError(f"{csv_path}: manifest not found; pass the CSV file with --data")
+    root = Path(root) if root is not None else csv_path.parent
+    if not root.is_dir():
+        raise ManifestError(f"{root}: image root folder not found; pass the folder holding the images with --root")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            records = [r for r in reader if any(cell.strip() for cell in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"{csv_path}: not a readable CSV file ({e})") from None
+    return parse_manifest(header, records, root=root.resolve(), source=str(csv_path), check_files=check_files)
+
+
+def parse_manifest(
+    header: list[str] | None,
+    records: list[list[str]],
+    *,
+    root: Path,
+    source: str = "<manifest>",
+    check_files: bool = True,
+) -> Manifest:
+    """Validate already-split CSV rows (see ``read_manifest``)."""
+    if not header:
+        raise ManifestError(f"{source}: empty file; a manifest needs a header row with at least a 'path' column")
+    header = [h.strip() for h in header]
+    dup_cols = sorted({h for h in header if header.count(h) > 1})
+    if dup_cols:
+        raise ManifestError(f"{source}: duplicate column names {dup_cols}; rename them")
+    if "path" not in header:
+        raise ManifestError(f"{source}: no 'path' column (columns: {header}); name the image path column 'path'")
+    if not records:
+        raise ManifestError(f"{source}: no data rows")
+    problems: list[str] = []
+    bad_width = [i + 2 for i, r in enumerate(records) if len(r) != len(header)]
+    if bad_width:
+        raise ManifestError(
+            f"{source}: rows {_rows_text(bad_width)} have a different number of fields than the header ({len(header)})"
+        )
+    cols = {h: [r[j].strip() for r in records] for j, h in enumerate(header)}
+    n = len(records)
+    line = np.arange(2, n + 2)
+
+    paths = cols["path"]
+    ids = cols.get("id") or list(paths)
+    ids = [i if i else p for i, p in zip(ids, paths)]
+    patients = cols.get("patient_id") or list(ids)
+    patients = [p if p else i for p, i in zip(patients, ids)]
+    splits = cols.get("split") or [""] * n
+    splits = [s.lower() for s in splits]
+
+    empty = [int(line[i]) for i, p in enumerate(paths) if not p]
+    if empty:
+        problems.append(f"rows {_rows_text(empty)} have an empty 'path'")
+
+    seen: dict[str, list[int]] = defaultdict(list)
+    for i, rid in enumerate(ids):
+        seen[rid].append(int(line[i]))
+    dups = {rid: rows for rid, rows in seen.items() if len(rows) > 1}
+    if dups:
+        first = list(dups.items())[:_MAX_NAMED]
+        text = "; ".join(f"'{rid}' at rows {_rows_text(rows)}" for rid, rows in first)
+        more = f" and {len(dups) - _MAX_NAMED} more" if len(dups) > _MAX_NAMED else ""
+        problems.append(f"duplicate ids: {text}{more} (ids must be unique; add an 'id' column)")
+
+    bad_split = [i for i, s in enumerate(splits) if s not in SPLITS]
+    if bad_split:
+        vals = sorted({splits[i] for i in bad_split})
+        problems.append(
+            f"rows {_rows_text([int(line[i]) for i in bad_split])} have unknown split values {vals} "
+            "(use train, val, test or blank)"
+        )
+
+    patient_splits: dict[str, set[str]] = defaultdict(set)
+    patient_rows: dict[str, list[int]] = defaultdict(list)
+    for i, (p, s) in enumerate(zip(patients, splits)):
+        if s:
+            patient_splits[p].add(s)
+            patient_rows[p].append(int(line[i]))
+    leaks = [p for p, s in patient_splits.items() if len(s) > 1]
+    if leaks:
+        text = "; ".join(
+            f"'{p}' in {sorted(patient_splits[p])} at rows {_rows_text(patient_rows[p])}" for p in leaks[:_MAX_NAMED]
+        )
+        more = f" and {len(leaks) - _MAX_NAMED} more patients" if len(leaks) > _MAX_NAMED else ""
+        problems.append(f"patients in more than one split (leakage): {text}{more}")
+
+    escaping = [int(line[i]) for i, p in enumerate(paths) if p and not _inside(root, p)]
+    if escaping:
+        problems.append(f"rows {_rows_text(escaping)} have paths outside the root {root} (use paths relative to --root)")
+    masks = cols.get("mask")
+    if masks is not None:
+        bad = [int(line[i]) for i, m in enumerate(masks) if m and not _inside(root, m)]
+        if bad:
+            problems.append(f"rows {_rows_text(bad)} have mask paths outside the root {root}")
+
+    if check_files and not escaping:
+        missing = [i for i, p in enumerate(paths) if p and not (root / p).is_file()]
+        if missing:
+            problems.append(
+                f"rows {_rows_text([int(line[i]) for i in missing], [paths[i] for i in missing])} "
+                f"name image files that do not exist under {root}"
+            )
+        if masks is not None:
+            missing = [i for i, m in enumerate(masks) if m and not (root / m).is_file()]
+            if missing:
+                problems.append(
+                    f"rows {_rows_text([int(line[i]) for i in missing], [masks[i] for i in missing])} "
+                    f"name mask files that do not exist under {root}"
+                )
+
+    label_names = [h for h in header if h not in RESERVED and not h.startswith("meta_")]
+    if label_names and "label" in header:
+        problems.append(
+            f"both a 'label' class column and binary label columns {label_names}; keep one kind "
+            "(rename metadata columns to meta_<name>)"
+        )
+    labels = np.full((n, len(label_names)), np.nan, dtype=np.float32)
+    for j, name in enumerate(label_names):
+        bad = []
+        for i, v in enumerate(cols[name]):
+            try:
+                labels[i, j] = _LABEL_VALUES[v]
+            except KeyError:
+                bad.append(i)
+        if bad:
+            vals = sorted({cols[name][i] for i in bad})[:_MAX_NAMED]
+            problems.append(
+                f"column '{name}' has values {vals} at rows {_rows_text([int(line[i]) for i in bad])}: label columns "
+                f"hold 1, 0, -1 or blank; rename it 'meta_{name}' to keep it as metadata, or drop it"
+            )
+
+    if problems:
+        raise ManifestError(f"{source}: " + "; ".join(problems))
+
+    as_str = lambda v: np.asarray(v, dtype=np.str_)  # noqa: E731
+    return Manifest(
+        source=source,
+        root=root,
+        paths=as_str(paths),
+        ids=as_str(ids),
+        patient_ids=as_str(patients),
+        splits=as_str(splits),
+        label_names=label_names,
+        labels=labels,
+        classes=as_str(cols["label"]) if "label" in cols else None,
+        masks=as_str(masks) if masks is not None else None,
+        meta={h: as_str(cols[h]) for h in header if h.startswith("meta_")},
+    )
+
+
+def write_manifest(path: str | Path, columns: dict[str, list | np.ndarray]) -> Path:
+    """Write a manifest CSV from columns (used by the demo and the dataset adapters).
+
+    Args:
+        path: output CSV path (parent folders are created).
+        columns: column name -> values [N]; floats NaN are written blank, label floats as integers.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(columns)
+    n = len(next(iter(columns.values()))) if columns else 0
+
+    def cell(v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float | np.floating):
+            if np.isnan(v):
+                return ""
+            return str(int(v)) if float(v).is_integer() else repr(float(v))
+        return str(v)
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        for i in range(n):
+            w.writerow([cell(columns[c][i]) for c in names])
+    return path
