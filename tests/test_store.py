@@ -1,0 +1,178 @@
+"""FeatureStore contract: layout, whole-shard commits, reading block by block, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from featcache.errors import StoreError
+from featcache.manifest import read_manifest, write_manifest
+from featcache.store import FAILED, OK, PENDING, ArraySpec, FeatureStore, default_shard_rows, extraction_lock
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    n = 10
+    for i in range(n):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+    cols = {
+        "path": [f"{i}.png" for i in range(n)],
+        "patient_id": [f"p{i // 2}" for i in range(n)],
+        "split": ["train"] * 6 + ["test"] * 4,
+        "effusion": [1.0, 0.0, np.nan, -1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+        "meta_view": ["PA", "AP"] * 5,
+    }
+    return read_manifest(write_manifest(tmp_path / "m.csv", cols))
+
+
+SPECS = {"cls": ArraySpec((8,)), "pooled": ArraySpec((8,)), "patch": ArraySpec((2, 2, 8), "float16")}
+
+
+def _fill(fs, rng):
+    data = {}
+    for s in range(fs.n_shards):
+        lo, hi = fs.shard_range(s)
+        shard = {k: rng.standard_normal((hi - lo, *v.shape)).astype(v.dtype) for k, v in SPECS.items()}
+        fs.write_shard(s, shard, {})
+        for k, v in shard.items():
+            data.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in data.items()}
+
+
+def test_create_write_read(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "cache", mode="a")
+    fs = store.create_set("m/model/64", manifest, SPECS, {"config": {"model": "x"}}, shard_rows=4)
+    assert fs.n_shards == 3 and fs.shard_range(2) == (8, 10)
+    assert (fs.status == PENDING).all()
+    truth = _fill(fs, np.random.default_rng(0))
+    fs2 = FeatureStore(tmp_path / "cache").open_set()  # the only set: name optional
+    assert fs2.name == "m/model/64"
+    assert fs2.ids.tolist() == manifest.ids.tolist()
+    assert fs2.patient_ids.tolist() == manifest.patient_ids.tolist()
+    assert fs2.splits.tolist() == manifest.splits.tolist()
+    np.testing.assert_array_equal(fs2.labels, manifest.labels)
+    assert fs2.label_names == ["effusion"] and fs2.task == "multilabel"
+    assert fs2.meta("view").tolist() == ["PA", "AP"] * 5
+    assert fs2.ok.all()
+    for k in SPECS:
+        np.testing.assert_array_equal(fs2.read(k), truth[k])
+    rows = np.array([9, 0, 5, 4])
+    np.testing.assert_array_equal(fs2.read("cls", rows), truth["cls"][rows])
+    np.testing.assert_array_equal(fs2.read("patch", rows), truth["patch"][rows])
+    np.testing.assert_array_equal(fs2.read("pooled", fs2.splits == "test"), truth["pooled"][6:])
+    blocks = list(fs2.iter_blocks("patch", rows=np.array([1, 2, 9])))
+    assert [b[0].tolist() for b in blocks] == [[1, 2], [9]]
+    np.testing.assert_array_equal(blocks[1][1], truth["patch"][[9]])
+    assert fs2.manifest_digest() == fs2.attrs["manifest_digest"] == manifest.digest()
+
+
+def test_failures_and_retry(tmp_path, manifest):
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {}, shard_rows=4)
+    zeros = {k: np.zeros((4, *v.shape), v.dtype) for k, v in SPECS.items()}
+    fs.write_shard(0, zeros, {2: "2.png: truncated file"})
+    assert fs.status[:4].tolist() == [OK, OK, FAILED, OK]
+    assert fs.failures() == [{"index": 2, "id": "2.png", "reason": "2.png: truncated file"}]
+    assert fs.shard_done().tolist() == [True, False, False]
+    assert fs.reset_failed() == 1 and fs.shard_done().tolist() == [False, False, False]
+
+
+def test_write_shard_checks_rows(tmp_path, manifest):
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {}, shard_rows=4)
+    with pytest.raises(StoreError, match="has 3 rows, not 4"):
+        fs.write_shard(0, {k: np.zeros((3, *v.shape), v.dtype) for k, v in SPECS.items()}, {})
+    with pytest.raises(StoreError, match="missing array 'patch'"):
+        fs.write_shard(0, {"cls": np.zeros((4, 8)), "pooled": np.zeros((4, 8))}, {})
+    assert (fs.status == PENDING).all()
+
+
+def test_reopen_same_settings_and_refuse_other(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "c", mode="a")
+    cfg = {"config": {"model": "a", "res": 64}}
+    fs = store.create_set("s", manifest, SPECS, cfg, shard_rows=4)
+    assert store.create_set("s", manifest, SPECS, cfg).shard_rows == fs.shard_rows
+    with pytest.raises(StoreError, match="other settings.*res: stored 64 vs now 128"):
+        store.create_set("s", manifest, SPECS, {"config": {"model": "a", "res": 128}})
+    other = read_manifest(write_manifest(tmp_path / "o.csv", {"path": ["0.png"]}))
+    with pytest.raises(StoreError, match="different manifest"):
+        store.create_set("s", other, SPECS, cfg)
+
+
+def test_open_errors(tmp_path, manifest):
+    with pytest.raises(StoreError, match="no feature store here"):
+        FeatureStore(tmp_path / "none")
+    store = FeatureStore(tmp_path / "c", mode="a")
+    with pytest.raises(StoreError, match="holds no feature set"):
+        store.open_set()
+    store.create_set("a/x/1", manifest, SPECS, {})
+    store.create_set("b/x/1", manifest, SPECS, {})
+    assert store.list_sets() == ["a/x/1", "b/x/1"]
+    with pytest.raises(StoreError, match="holds 2 feature sets"):
+        store.open_set()
+    with pytest.raises(StoreError, match="no feature set 'c'"):
+        store.open_set("c")
+    with pytest.raises(StoreError, match="no array 'registers'"):
+        store.open_set("a/x/1").read("registers")
+
+
+def test_fsspec_url_opens(tmp_path, manifest):
+    FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {})
+    fs = FeatureStore(f"file://{tmp_path / 'c'}").open_set("s")
+    assert fs.n == 10 and fs.ids[0] == "0.png"
+
+
+def test_default_shard_rows():
+    assert default_shard_rows({"cls": ArraySpec((768,))}) == 4096
+    assert (
+        default_shard_rows({"patch": ArraySpec((32, 32, 4096), "float16")}) == 32
+    )  # 7B at 512 px: 8 MiB rows
+    assert default_shard_rows({"patch": ArraySpec((64, 64, 4096), "float16")}) == 16  # 32 MiB rows: the floor
+    mid = default_shard_rows({"patch": ArraySpec((32, 32, 768), "float16")})
+    assert mid == 128 and mid * 32 * 32 * 768 * 2 <= 256 * 2**20
+
+
+def test_lock_refuses_second_writer(tmp_path, manifest):
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {})
+    code = (
+        "import sys; from featcache.store import FeatureStore, extraction_lock\n"
+        f"fs = FeatureStore({str(tmp_path / 'c')!r}).open_set('s')\n"
+        "n, i = int(sys.argv[1]), int(sys.argv[2])\n"
+        "try:\n    with extraction_lock(fs, i, n): print('ok')\nexcept Exception as e: print(type(e).__name__)\n"
+    )
+
+    def other(n, i):
+        return subprocess.run(
+            [sys.executable, "-c", code, str(n), str(i)], capture_output=True, text=True
+        ).stdout.strip()
+
+    with extraction_lock(fs):
+        assert other(1, 0) == "StoreError"
+        assert other(2, 1) == "StoreError"
+    with extraction_lock(fs, 0, 2):
+        assert other(2, 1) == "ok"  # another worker of the same run
+        assert other(2, 0) == "StoreError"  # the same worker twice
+        assert other(1, 0) == "StoreError"  # a plain run while workers run
+    assert other(1, 0) == "ok"  # released
+
+
+def test_store_does_not_import_torch():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import featcache.store, featcache.manifest, sys; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_attrs_are_json(tmp_path, manifest):
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {"config": {"model": "m"}})
+    meta = json.loads((tmp_path / "c" / "s" / "zarr.json").read_text())
+    assert meta["attributes"]["config"] == {"model": "m"}
+    assert meta["attributes"]["n"] == fs.n
