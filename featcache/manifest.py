@@ -113,7 +113,9 @@ def _inside(root: Path, rel: str) -> bool:
     return target == str(root) or target.startswith(str(root) + os.sep)
 
 
-def read_manifest(csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True) -> Manifest:
+def read_manifest(
+    csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True
+) -> Manifest:
     """Read and validate a manifest CSV.
 
     Args:
@@ -132,7 +134,9 @@ def read_manifest(csv_path: str | Path, root: str | Path | None = None, *, check
         raise ManifestError(f"{csv_path}: manifest not found; pass the CSV file with --data")
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
-        raise ManifestError(f"{root}: image root folder not found; pass the folder holding the images with --root")
+        raise ManifestError(
+            f"{root}: image root folder not found; pass the folder holding the images with --root"
+        )
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -153,13 +157,17 @@ def parse_manifest(
 ) -> Manifest:
     """Validate already-split CSV rows (see ``read_manifest``)."""
     if not header:
-        raise ManifestError(f"{source}: empty file; a manifest needs a header row with at least a 'path' column")
+        raise ManifestError(
+            f"{source}: empty file; a manifest needs a header row with at least a 'path' column"
+        )
     header = [h.strip() for h in header]
     dup_cols = sorted({h for h in header if header.count(h) > 1})
     if dup_cols:
         raise ManifestError(f"{source}: duplicate column names {dup_cols}; rename them")
     if "path" not in header:
-        raise ManifestError(f"{source}: no 'path' column (columns: {header}); name the image path column 'path'")
+        raise ManifestError(
+            f"{source}: no 'path' column (columns: {header}); name the image path column 'path'"
+        )
     if not records:
         raise ManifestError(f"{source}: no data rows")
     problems: list[str] = []
@@ -211,14 +219,17 @@ def parse_manifest(
     leaks = [p for p, s in patient_splits.items() if len(s) > 1]
     if leaks:
         text = "; ".join(
-            f"'{p}' in {sorted(patient_splits[p])} at rows {_rows_text(patient_rows[p])}" for p in leaks[:_MAX_NAMED]
+            f"'{p}' in {sorted(patient_splits[p])} at rows {_rows_text(patient_rows[p])}"
+            for p in leaks[:_MAX_NAMED]
         )
         more = f" and {len(leaks) - _MAX_NAMED} more patients" if len(leaks) > _MAX_NAMED else ""
         problems.append(f"patients in more than one split (leakage): {text}{more}")
 
     escaping = [int(line[i]) for i, p in enumerate(paths) if p and not _inside(root, p)]
     if escaping:
-        problems.append(f"rows {_rows_text(escaping)} have paths outside the root {root} (use paths relative to --root)")
+        problems.append(
+            f"rows {_rows_text(escaping)} have paths outside the root {root} (use paths relative to --root)"
+        )
     masks = cols.get("mask")
     if masks is not None:
         bad = [int(line[i]) for i, m in enumerate(masks) if m and not _inside(root, m)]

@@ -514,6 +514,55 @@ class FeatureSet:
                 f"{self.store.url}: feature set '{self.name}' holds other arrays; use another --name"
             )
 
+    # ---- integrity and size ----
+
+    def verify(self) -> list[str]:
+        """Check completeness and integrity; returns the problems found (empty when all is well).
+
+        Checks: no pending rows, failed rows listed, every column and array has N rows, ids unique,
+        the stored manifest columns still hash to the recorded digest, no NaN/Inf in rows marked ok
+        (read shard by shard).
+        """
+        problems: list[str] = []
+        status = self.status
+        pending = int((status == PENDING).sum())
+        if pending:
+            problems.append(f"{pending} of {self.n} rows pending (re-run the extraction to finish)")
+        failed = int((status == FAILED).sum())
+        if failed:
+            first = self.failures()[0]
+            problems.append(f"{failed} rows failed (first: {first['id']}: {first['reason']})")
+        for key in ("ids", "patient_ids", "splits", "paths", "failure", *self.arrays()):
+            if key in self.group and self.group[key].shape[0] != self.n:
+                problems.append(f"array '{key}' has {self.group[key].shape[0]} rows, expected {self.n}")
+        if len(set(self.ids.tolist())) != self.n:
+            problems.append("ids are not unique")
+        if self.manifest_digest() != self.attrs.get("manifest_digest"):
+            problems.append("stored manifest columns do not match the recorded manifest digest")
+        ok = status == OK
+        for key in self.arrays():
+            bad = 0
+            for rows, block in self.iter_blocks(key):
+                finite = np.isfinite(block.reshape(len(rows), -1)).all(axis=1)
+                bad += int((~finite & ok[rows]).sum())
+            if bad:
+                problems.append(f"array '{key}' has NaN or Inf in {bad} rows marked ok")
+        return problems
+
+    def bytes_per_row(self) -> dict[str, tuple[float, float | None]]:
+        """Per array: (uncompressed bytes per image, stored bytes per finished image or None if unknown)."""
+        done = max(1, int((self.status != PENDING).sum()))
+        out: dict[str, tuple[float, float | None]] = {}
+        for key in self.arrays():
+            a = self.group[key]
+            raw = float(np.prod(a.shape[1:]) * a.dtype.itemsize)
+            try:
+                stored: float | None = a.nbytes_stored() / done
+            except Exception:  # some remote stores cannot list sizes
+                stored = None
+            out[key] = (raw, stored)
+        return out
+
     # ---- features ----
 
     def arrays(self) -> list[str]:
