@@ -1,0 +1,417 @@
+"""Numerical plumbing shared by the probe estimators (numpy/scipy only, never torch).
+
+Holds the pieces two or more probes use: target validation, L2 normalisation, the
+temperature-softmax kNN vote, a rank-based AUROC, and the batched logistic-regression
+solvers (one-vs-rest L-BFGS over all labels at once, multinomial L-BFGS over many
+problems at once, and a batched Newton solve in the span of a tiny support set).
+
+All solvers minimise scikit-learn's objective, ``C * sum(log_loss) + 0.5 * ||W||^2`` with an
+unpenalised intercept, so their optimum is the one ``sklearn.linear_model.LogisticRegression``
+reaches with the same ``C``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit, log_softmax, softmax
+from scipy.stats import rankdata
+
+from featcache.errors import FeatcacheError
+
+TASKS = ("multilabel", "multiclass")
+
+
+def check_task(task: str) -> str:
+    """Return ``task`` if it is a known task name.
+
+    Raises:
+        FeatcacheError: for anything but ``"multilabel"`` or ``"multiclass"``.
+    """
+    if task not in TASKS:
+        raise FeatcacheError(f"unknown task {task!r}: use 'multilabel' or 'multiclass'")
+    return task
+
+
+def check_features(X: np.ndarray, name: str = "X") -> np.ndarray:
+    """Validate a feature matrix.
+
+    Args:
+        X: float [N, D], finite.
+        name: how the matrix is named in error messages.
+
+    Returns:
+        float32 [N, D] (a view when ``X`` already is C-contiguous float32).
+
+    Raises:
+        FeatcacheError: for a wrong rank, no rows, or NaN/inf values.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise FeatcacheError(f"{name} must be a 2-D feature matrix [N, D]; got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise FeatcacheError(f"{name} has no rows: check the split selection")
+    if not np.isfinite(X).all():
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise FeatcacheError(
+            f"{name} has non-finite values in {bad.size} rows (first: {bad[:5].tolist()}); "
+            "re-extract those rows or drop them before probing"
+        )
+    return X
+
+
+def check_targets(Y: np.ndarray, task: str, n_rows: int, name: str = "Y") -> np.ndarray:
+    """Validate targets for a task.
+
+    Args:
+        Y: multi-label float [N, L] with 1 positive, 0 negative, NaN missing; or multi-class
+            int [N] class indices with -1 missing.
+        task: ``"multilabel"`` or ``"multiclass"``.
+        n_rows: the number of feature rows ``Y`` must match.
+        name: how the targets are named in error messages.
+
+    Returns:
+        float32 [N, L] (multi-label) or int64 [N] (multi-class).
+
+    Raises:
+        FeatcacheError: for a shape mismatch, an unmapped uncertain label (-1) or any value
+            outside the convention, naming the first offending row and column.
+    """
+    check_task(task)
+    if task == "multilabel":
+        Y = np.asarray(Y, dtype=np.float32)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        if Y.ndim != 2 or Y.shape[0] != n_rows:
+            raise FeatcacheError(
+                f"{name} must be float [N={n_rows}, L] multi-label targets; got shape {Y.shape}"
+            )
+        bad = ~(np.isnan(Y) | (Y == 0) | (Y == 1))
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            hint = (
+                "map uncertain labels first (apply_uncertain with 'ignore', 'zeros' or 'ones')"
+                if Y[row, col] == -1
+                else "labels must be 1, 0 or missing"
+            )
+            raise FeatcacheError(
+                f"{name} row {row}, label column {col} holds {Y[row, col]:g}: {hint} ({int(bad.sum())} such values)"
+            )
+        return Y
+    y = np.asarray(Y)
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise FeatcacheError(f"{name} must be int [N={n_rows}] class indices; got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isnan(y) | (y == np.round(y))):
+            raise FeatcacheError(f"{name} must hold integer class indices (-1 missing)")
+        y = np.where(np.isnan(y), -1, y)
+    elif y.dtype.kind not in "iub":
+        raise FeatcacheError(f"{name} must hold integer class indices (-1 missing); got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if (y < -1).any():
+        row = int(np.flatnonzero(y < -1)[0])
+        raise FeatcacheError(f"{name} row {row} holds class {y[row]}: classes are 0..C-1, -1 missing")
+    return y
+
+
+def l2_normalize(X: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+    """Optionally centre, then scale rows to unit L2 norm (all-zero rows stay zero).
+
+    Args:
+        X: float [N, D].
+        center: float [D] subtracted before normalising, or None.
+
+    Returns:
+        float32 [N, D].
+    """
+    X = np.asarray(X, dtype=np.float32)
+    if center is not None:
+        X = X - np.asarray(center, dtype=np.float32)
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    return np.divide(X, norm, out=np.zeros_like(X), where=norm > 0)
+
+
+def knn_vote(
+    sims: np.ndarray,
+    targets: np.ndarray,
+    ks: Sequence[int],
+    temperature: float,
+    task: str,
+    n_classes: int = 0,
+) -> dict[int, np.ndarray]:
+    """Temperature-softmax votes of the nearest neighbours, for every k from one search.
+
+    Neighbour ``j`` of a query gets weight ``exp(sim_j / T)`` normalised over the query's top k.
+    Multi-class: probabilities are the weighted one-hot sums. Multi-label: the score of a label
+    is the weighted mean of the neighbours' labels, neighbours whose label is missing (NaN)
+    left out; NaN when all k are missing.
+
+    Args:
+        sims: float [..., K] similarities sorted in decreasing order along the last axis.
+        targets: neighbour targets: float [..., K, L] (multi-label, NaN missing) or
+            int [..., K] class indices (multi-class).
+        ks: the k values, each at most K.
+        temperature: softmax temperature T.
+        task: ``"multilabel"`` or ``"multiclass"``.
+        n_classes: C, needed for multi-class.
+
+    Returns:
+        dict k -> float64 [..., L] (multi-label) or [..., C] (multi-class).
+    """
+    s = np.asarray(sims, dtype=np.float64) / temperature
+    # Shifting by the best similarity keeps exp() finite; the shift cancels in every normalisation.
+    w = np.exp(s - s[..., :1])
+    out = {}
+    if task == "multiclass":
+        onehot = np.zeros((*targets.shape, n_classes), dtype=np.float64)
+        np.put_along_axis(onehot, targets[..., None], 1.0, axis=-1)
+        for k in ks:
+            wk = w[..., :k]
+            out[k] = np.einsum("...j,...jc->...c", wk, onehot[..., :k, :]) / wk.sum(-1, keepdims=True)
+        return out
+    known = ~np.isnan(targets)
+    vals = np.where(known, targets, 0.0)
+    for k in ks:
+        wk = w[..., :k, None]
+        den = (wk * known[..., :k, :]).sum(-2)
+        num = (wk * vals[..., :k, :]).sum(-2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[k] = np.where(den > 0, num / den, np.nan)
+    return out
+
+
+def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve from ranks (ties count one half).
+
+    Args:
+        y_true: float or int [n], 1 positive, 0 negative, NaN ignored.
+        scores: float [n], higher means more likely positive.
+
+    Returns:
+        AUROC in [0, 1]; NaN when the known labels hold only one class.
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    keep = ~np.isnan(y) & ~np.isnan(s)
+    y, s = y[keep], s[keep]
+    n_pos = int((y == 1).sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc_columns(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per-column AUROC.
+
+    Args:
+        Y: float [n, L] binary targets, NaN ignored.
+        S: float [n, L] scores.
+
+    Returns:
+        float64 [L], NaN for a column with a single class.
+    """
+    return np.array([auroc(Y[:, j], S[:, j]) for j in range(Y.shape[1])])
+
+
+def ovr_auroc(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC of every class.
+
+    Args:
+        y: int [n] class indices, -1 ignored.
+        proba: float [n, C] class scores.
+
+    Returns:
+        float64 [C], NaN for a class absent from (or alone in) ``y``.
+    """
+    keep = y >= 0
+    onehot = (y[keep, None] == np.arange(proba.shape[1])).astype(np.float64)
+    return auroc_columns(onehot, proba[keep])
+
+
+def _lbfgs(fun, x0: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    # ftol as scikit-learn's lbfgs path: stop on the projected-gradient test, not on tiny f changes.
+    res = minimize(
+        fun,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps, "maxls": 50},
+    )
+    return res.x
+
+
+def fit_ovr_lbfgs(
+    X: np.ndarray,
+    Y: np.ndarray,
+    C: np.ndarray,
+    coef0: np.ndarray | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+) -> np.ndarray:
+    """Binary logistic regressions of every label on shared features, solved jointly.
+
+    Each label minimises ``mean_i log_loss + ||w||^2 / (2 C n)`` over its known rows (n of them),
+    scikit-learn's scaling of ``C * sum log_loss + 0.5 ||w||^2``; the labels are independent, so
+    one L-BFGS over all of them reaches every label's optimum with matrix-matrix products.
+
+    Args:
+        X: float64 [N, D] features.
+        Y: float [N, L] 0/1 targets, NaN missing (masked out of that label's loss).
+        C: float [L] inverse regularisation strength per label.
+        coef0: float64 [L, D + 1] warm start (last column: intercept), or None for zeros.
+        max_iter: L-BFGS iterations at most.
+        tol: stop when every gradient entry is below this.
+
+    Returns:
+        float64 [L, D + 1]: weights, then the intercept in the last column.
+    """
+    N, D = X.shape
+    L = Y.shape[1]
+    M = (~np.isnan(Y)).astype(np.float64)
+    T = np.where(M > 0, Y, 0.0).astype(np.float64)
+    n_known = M.sum(0)
+    inv_n = 1.0 / n_known
+    reg = 1.0 / (np.asarray(C, dtype=np.float64) * n_known)
+
+    def fun(theta):
+        W = theta.reshape(L, D + 1)
+        w, b = W[:, :D], W[:, D]
+        Z = X @ w.T + b
+        loss = (M * (np.logaddexp(0.0, Z) - T * Z)).sum(0) @ inv_n
+        R = M * (expit(Z) - T) * inv_n
+        G = np.empty_like(W)
+        G[:, :D] = R.T @ X + reg[:, None] * w
+        G[:, D] = R.sum(0)
+        return loss + 0.5 * (reg * (w * w).sum(1)).sum(), G.ravel()
+
+    x0 = np.zeros(L * (D + 1)) if coef0 is None else np.asarray(coef0, dtype=np.float64).ravel()
+    return _lbfgs(fun, x0, max_iter, tol).reshape(L, D + 1)
+
+
+def fit_multinomial_lbfgs(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    C: float,
+    coef0: np.ndarray | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+) -> np.ndarray:
+    """Multinomial (softmax) logistic regressions of many independent problems, solved jointly.
+
+    Problem ``e`` minimises ``mean_i cross_entropy + ||W_e||^2 / (2 C n_e)`` over its rows with a
+    class (``y >= 0``), all C weight rows penalised, as scikit-learn's multinomial lbfgs.
+
+    Args:
+        X: float64 [E, n, D] features of each problem (E = 1 for a single probe).
+        y: int [E, n] class indices, -1 masked out.
+        n_classes: C.
+        C: inverse regularisation strength (shared by all problems).
+        coef0: float64 [E, D + 1, C] warm start (last row: intercepts), or None for zeros.
+        max_iter: L-BFGS iterations at most.
+        tol: stop when every gradient entry is below this.
+
+    Returns:
+        float64 [E, D + 1, C]: weights, then the intercepts in the last row.
+    """
+    E, n, D = X.shape
+    known = y >= 0
+    M = known.astype(np.float64)[..., None]
+    onehot = np.zeros((E, n, n_classes))
+    np.put_along_axis(onehot, np.where(known, y, 0)[..., None], 1.0, axis=-1)
+    onehot *= M
+    inv_n = 1.0 / known.sum(1)
+    reg = inv_n / C
+
+    def fun(theta):
+        W = theta.reshape(E, D + 1, n_classes)
+        w, b = W[:, :D], W[:, D:]
+        Z = X @ w + b
+        logp = log_softmax(Z, axis=-1)
+        loss = -(onehot * logp).sum((1, 2)) @ inv_n
+        R = (M * np.exp(logp) - onehot) * inv_n[:, None, None]
+        G = np.empty_like(W)
+        G[:, :D] = X.transpose(0, 2, 1) @ R + reg[:, None, None] * w
+        G[:, D] = R.sum(1)
+        return loss + 0.5 * (reg * (w * w).sum((1, 2))).sum(), G.ravel()
+
+    x0 = np.zeros(E * (D + 1) * n_classes) if coef0 is None else np.asarray(coef0, dtype=np.float64).ravel()
+    return _lbfgs(fun, x0, max_iter, tol).reshape(E, D + 1, n_classes)
+
+
+def multinomial_proba(Z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis. Z: float [..., C] logits -> float64 [..., C]."""
+    return softmax(np.asarray(Z, dtype=np.float64), axis=-1)
+
+
+def fit_binary_newton_dual(
+    K: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Many tiny binary logistic regressions by Newton's method in the span of their rows.
+
+    Problem ``e`` has n support rows with Gram matrix ``K_e = X_e X_e^T``. The optimum weight
+    vector of ``C * sum log_loss + 0.5 ||w||^2`` (intercept unpenalised) lies in the row span,
+    ``w = X_e^T alpha``, and the exact primal Newton step stays there, so each step is one
+    (n + 1) x (n + 1) linear solve per problem instead of a D x D one, with a backtracking
+    line search for global convergence.
+
+    Args:
+        K: float64 [E, n, n] Gram matrices of the support rows.
+        y: float [E, n] 0/1 targets.
+        C: inverse regularisation strength.
+        max_iter: Newton iterations at most.
+        tol: stop when every problem's Newton decrement (squared, halved) is below this.
+
+    Returns:
+        (alpha float64 [E, n], intercept float64 [E]); weights are ``X_e^T alpha_e``.
+    """
+    E, n, _ = K.shape
+    y = np.asarray(y, dtype=np.float64)
+    alpha = np.zeros((E, n))
+    b = np.zeros(E)
+    eye = np.eye(n)
+
+    def objective(a, bb):
+        z = np.einsum("eij,ej->ei", K, a) + bb[:, None]
+        return C * (np.logaddexp(0.0, z) - y * z).sum(1) + 0.5 * np.einsum(
+            "ei,ei->e", a, np.einsum("eij,ej->ei", K, a)
+        )
+
+    f = objective(alpha, b)
+    for _ in range(max_iter):
+        z = np.einsum("eij,ej->ei", K, alpha) + b[:, None]
+        p = expit(z)
+        r = p - y
+        s = np.maximum(p * (1.0 - p), 1e-12)
+        v = alpha + C * r
+        A = np.empty((E, n + 1, n + 1))
+        A[:, :n, :n] = eye + C * s[:, :, None] * K
+        A[:, :n, n] = C * s
+        A[:, n, :n] = np.einsum("ei,eij->ej", s, K)
+        A[:, n, n] = s.sum(1)
+        rhs = np.concatenate([-v, -r.sum(1, keepdims=True)], axis=1)
+        step = np.linalg.solve(A, rhs[..., None])[..., 0]
+        da, db = step[:, :n], step[:, n]
+        # Directional derivative of the primal objective along the step: -(Newton decrement)^2.
+        slope = np.einsum("ei,ei->e", v, np.einsum("eij,ej->ei", K, da)) + C * r.sum(1) * db
+        if np.all(-slope / 2 < tol):
+            break
+        t = np.ones(E)
+        for _ in range(40):
+            f_new = objective(alpha + t[:, None] * da, b + t * db)
+            bad = f_new > f + 1e-4 * t * slope
+            if not bad.any():
+                break
+            t = np.where(bad, t / 2, t)
+        alpha = alpha + t[:, None] * da
+        b = b + t * db
+        f = objective(alpha, b)
+    return alpha, b
