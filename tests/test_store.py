@@ -60,6 +60,9 @@ def test_create_write_read(tmp_path, manifest):
     assert fs2.ok.all()
     for k in SPECS:
         np.testing.assert_array_equal(fs2.read(k), truth[k])
+    np.testing.assert_array_equal(fs2.read("cls", slice(3, 9)), truth["cls"][3:9])  # straddles shards
+    np.testing.assert_array_equal(fs2.read("patch", slice(3, 9)), truth["patch"][3:9])
+    np.testing.assert_array_equal(fs2.read("cls", slice(1, 10, 3)), truth["cls"][1:10:3])
     rows = np.array([9, 0, 5, 4])
     np.testing.assert_array_equal(fs2.read("cls", rows), truth["cls"][rows])
     np.testing.assert_array_equal(fs2.read("patch", rows), truth["patch"][rows])
@@ -75,6 +78,7 @@ def test_failures_and_retry(tmp_path, manifest):
     zeros = {k: np.zeros((4, *v.shape), v.dtype) for k, v in SPECS.items()}
     fs.write_shard(0, zeros, {2: "2.png: truncated file"})
     assert fs.status[:4].tolist() == [OK, OK, FAILED, OK]
+    assert not fs.read("cls", slice(4, 10)).any()  # unwritten shards read as zeros
     assert fs.failures() == [{"index": 2, "id": "2.png", "reason": "2.png: truncated file"}]
     assert fs.shard_done().tolist() == [True, False, False]
     assert fs.reset_failed() == 1 and fs.shard_done().tolist() == [False, False, False]
