@@ -1,0 +1,146 @@
+"""Check a manifest before spending GPU time on it, and show what is in each split.
+
+Errors (a ``ManifestError``, one line naming the rows): a patient in two splits
+(leakage), duplicate ids, label values other than 1/0/-1/blank, image or mask
+files missing under the root, the same image file in two splits. These are the
+manifest reader's own checks (``featcache.manifest``) plus the last one, so a
+manifest that passes here is one ``featcache extract`` accepts.
+
+Warnings: labels (or classes) with no positives in a split, labels that are
+blank everywhere, rows with no split, the same image file listed twice.
+
+The report is a table: per split (and ``all``), images, patients and the
+positive images per label (multi-label) or the images per class (multi-class).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import ManifestError
+from featcache.manifest import Manifest, read_manifest
+
+_SHOWN = 5
+
+
+@dataclass
+class CheckReport:
+    """The outcome of ``check_manifest``.
+
+    Attributes:
+        source: the manifest checked.
+        task: ``multilabel``, ``multiclass`` or ``none``.
+        columns: table columns: split names present (``(none)`` for rows without a split), then ``all``.
+        rows: table rows, (name, counts [len(columns)]): ``images``, ``patients``, then one per label
+            (positive images) or per class (images).
+        warnings: one line each.
+    """
+
+    source: str
+    task: str
+    columns: list[str]
+    rows: list[tuple[str, list[int]]]
+    warnings: list[str] = field(default_factory=list)
+
+    def count(self, row: str, column: str) -> int:
+        """One cell of the table, e.g. ``count("effusion", "test")``."""
+        for name, values in self.rows:
+            if name == row:
+                return values[self.columns.index(column)]
+        raise KeyError(row)
+
+    def render(self) -> str:
+        """The table as aligned text, one line per row."""
+        width = max(len(r[0]) for r in self.rows)
+        cells = [max(len(c), *(len(str(v[i])) for _, v in self.rows)) for i, c in enumerate(self.columns)]
+        head = " " * width + "".join(f"  {c:>{w}}" for c, w in zip(self.columns, cells))
+        body = [
+            f"{name:<{width}}" + "".join(f"  {v:>{w}}" for v, w in zip(vals, cells))
+            for name, vals in self.rows
+        ]
+        return "\n".join([head, *body])
+
+
+def _duplicate_paths(m: Manifest) -> tuple[list[str], list[str]]:
+    """(paths listed in two splits, paths listed twice in one split)."""
+    where: dict[str, set[str]] = defaultdict(set)
+    count: dict[str, int] = defaultdict(int)
+    for p, s in zip(m.paths.tolist(), m.splits.tolist()):
+        where[p].add(s)
+        count[p] += 1
+    across = [p for p, s in where.items() if len(s - {""}) > 1]
+    within = [p for p, c in count.items() if c > 1 and p not in across]
+    return across, within
+
+
+def check_manifest(
+    csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True
+) -> CheckReport:
+    """Validate a manifest and count images, patients and positives per split.
+
+    Args:
+        csv_path: the manifest CSV.
+        root: folder the paths are relative to (default: the CSV's folder).
+        check_files: check that every image and mask file exists.
+
+    Returns:
+        A ``CheckReport`` (table and warnings).
+
+    Raises:
+        ManifestError: leakage, duplicate ids, bad label values, missing files, one image in two splits.
+    """
+    m = read_manifest(csv_path, root, check_files=check_files)
+    across, within = _duplicate_paths(m)
+    if across:
+        shown = ", ".join(across[:_SHOWN]) + (
+            f" and {len(across) - _SHOWN} more" if len(across) > _SHOWN else ""
+        )
+        raise ManifestError(
+            f"{m.source}: the same image file is listed in more than one split (leakage): {shown}; "
+            "keep one row per image"
+        )
+    warnings = []
+    if within:
+        shown = ", ".join(within[:_SHOWN]) + (
+            f" and {len(within) - _SHOWN} more" if len(within) > _SHOWN else ""
+        )
+        warnings.append(f"{len(within)} image files are listed more than once: {shown}")
+
+    present = [s for s in ("train", "val", "test") if np.any(m.splits == s)]
+    columns = present + (["(none)"] if np.any(m.splits == "") else []) + ["all"]
+    selections = [m.splits == s for s in present]
+    if "(none)" in columns:
+        selections.append(m.splits == "")
+        warnings.append(
+            f"{int(np.sum(m.splits == ''))} rows have no split; run `featcache split` to assign them"
+        )
+    selections.append(np.ones(len(m), dtype=bool))
+
+    rows: list[tuple[str, list[int]]] = [
+        ("images", [int(sel.sum()) for sel in selections]),
+        ("patients", [len(np.unique(m.patient_ids[sel])) for sel in selections]),
+    ]
+    if m.task == "multilabel":
+        for j, name in enumerate(m.label_names):
+            col = m.labels[:, j]
+            rows.append((name, [int(np.sum(col[sel] == 1)) for sel in selections]))
+            if np.all(np.isnan(col)):
+                warnings.append(f"label '{name}' is blank in every row")
+                continue
+            empty = [s for s, sel in zip(present, selections) if not np.any(col[sel] == 1)]
+            if empty:
+                warnings.append(f"label '{name}' has no positives in {', '.join(empty)}")
+    elif m.task == "multiclass":
+        for c in sorted(set(m.classes.tolist()) - {""}):
+            rows.append((c, [int(np.sum(m.classes[sel] == c)) for sel in selections]))
+            empty = [s for s, sel in zip(present, selections) if not np.any(m.classes[sel] == c)]
+            if empty:
+                warnings.append(f"class '{c}' has no images in {', '.join(empty)}")
+        blank = int(np.sum(m.classes == ""))
+        if blank:
+            warnings.append(f"{blank} rows have no class in the 'label' column")
+    return CheckReport(source=m.source, task=m.task, columns=columns, rows=rows, warnings=warnings)
