@@ -1,0 +1,394 @@
+"""Classification metrics on probe scores (numpy only).
+
+Conventions shared by every function here:
+
+- Binary labels are 0/1 (bool, int or float); NaN marks a missing label and that row is left out.
+  Any other value (such as the raw ``-1`` "uncertain" of a manifest) is refused: apply an
+  uncertain-label policy first.
+- Scores are real numbers, larger meaning "more positive"; a prediction is positive when
+  ``score >= threshold``.
+- A metric that is undefined on its input (AUROC with one class absent, F1 with no positive label
+  and no positive prediction, anything on zero rows) is NaN, never an exception, so that means over
+  labels, seeds and bootstrap draws can skip it.
+
+AUROC is computed from ranks (the Mann-Whitney statistic), tied scores counting one half, so it
+equals ``sklearn.metrics.roc_auc_score``. :func:`auroc_rows` evaluates many score vectors at once
+(one ``argsort`` per row, the rest vectorised) and accepts per-row sample weights, which is how the
+few-shot episodes and the patient bootstrap in :mod:`probes.stats` stay fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+__all__ = [
+    "accuracy",
+    "auroc",
+    "auroc_ovr",
+    "auroc_per_label",
+    "auroc_rows",
+    "balanced_accuracy",
+    "binary_metrics",
+    "f1",
+    "mean_auroc",
+    "one_hot",
+    "sensitivity_specificity",
+    "youden_threshold",
+]
+
+
+def _binary_labels(y, name: str = "y_true") -> np.ndarray:
+    """Labels as float64 with NaN for missing; refuses anything but 0, 1 and NaN."""
+    y = np.asarray(y)
+    if y.dtype == bool:
+        return y.astype(np.float64)
+    if not np.issubdtype(y.dtype, np.number):
+        raise FeatcacheError(f"{name} must be numeric 0/1 labels (NaN = missing), got dtype {y.dtype}")
+    y = y.astype(np.float64)
+    bad = ~(np.isnan(y) | (y == 0) | (y == 1))
+    if bad.any():
+        raise FeatcacheError(
+            f"{name} must hold 0/1 labels (NaN = missing) but holds {np.unique(y[bad])[:5].tolist()}; "
+            "apply an uncertain-label policy (e.g. U-zeros, U-ones or ignore) before computing metrics"
+        )
+    return y
+
+
+def _finite_scores(s, name: str = "score") -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    if np.isnan(s).any():
+        raise ValueError(f"{name} contains NaN: every row with a label needs a score")
+    return s
+
+
+def _tie_bounds(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """First and last position of each position's tie group along the last axis (None: no ties)."""
+    n = sorted_scores.shape[-1]
+    new = np.ones(sorted_scores.shape, dtype=bool)
+    new[..., 1:] = sorted_scores[..., 1:] != sorted_scores[..., :-1]
+    if new.all():
+        return None, None
+    idx = np.arange(n)
+    first = np.maximum.accumulate(np.where(new, idx, 0), axis=-1)
+    ends = np.ones(sorted_scores.shape, dtype=bool)
+    ends[..., :-1] = new[..., 1:]
+    last = np.minimum.accumulate(np.where(ends, idx, n - 1)[..., ::-1], axis=-1)[..., ::-1]
+    return first, last
+
+
+def _rank_auroc(pos: np.ndarray, neg: np.ndarray, first: np.ndarray | None, last: np.ndarray | None):
+    """Weighted Mann-Whitney AUROC of rows whose entries are in ascending score order.
+
+    Args:
+        pos: float64 [E, n], weight of each row entry as a positive (0 for negatives/missing).
+        neg: float64 [E, n], weight as a negative.
+        first: int [E, n] or [n] (shared by all rows) tie-group start positions, or None (no ties).
+        last: same shape as ``first``, tie-group end positions.
+
+    Returns:
+        float64 [E]; NaN where a row has no positive or no negative weight.
+    """
+    cum_neg = np.cumsum(neg, axis=1)
+    below = cum_neg - neg  # negative weight strictly below each position
+    if first is None:
+        num = np.einsum("ij,ij->i", pos, below)
+    else:
+        if first.ndim == 1:
+            lo, hi = below[:, first], cum_neg[:, last]
+        else:
+            lo = np.take_along_axis(below, first, axis=1)
+            hi = np.take_along_axis(cum_neg, last, axis=1)
+        # negatives strictly below the tie group count 1, those inside it 1/2: (lo + hi) / 2
+        num = 0.5 * np.einsum("ij,ij->i", pos, lo + hi)
+    w_pos = pos.sum(axis=1)
+    w_neg = cum_neg[:, -1] if cum_neg.shape[1] else np.zeros(len(cum_neg))
+    den = w_pos * w_neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den
+    out[den <= 0] = np.nan
+    return out
+
+
+def auroc_rows(y, scores, sample_weight=None) -> np.ndarray:
+    """AUROC of many score vectors at once (e.g. all few-shot episodes of one label).
+
+    Args:
+        y: labels 0/1 (NaN = missing), shape [n] shared by all rows or [E, n] per row.
+        scores: float [E, n], one score vector per row.
+        sample_weight: optional non-negative float [n] or [E, n]; a weight of 2 counts a row twice
+            (how a bootstrap resample is expressed without copying rows).
+
+    Returns:
+        float64 [E], NaN for a row whose (non-missing, non-zero-weight) labels hold one class only.
+    """
+    s = _finite_scores(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be 2-D [E, n], got shape {s.shape}")
+    yy = _binary_labels(y)
+    if yy.shape not in ((s.shape[1],), s.shape):
+        raise ValueError(f"y has shape {yy.shape}, expected ({s.shape[1]},) or {s.shape}")
+    order = np.argsort(s, axis=1)
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    y_sorted = yy[order] if yy.ndim == 1 else np.take_along_axis(yy, order, axis=1)
+    if sample_weight is None:
+        w_sorted = 1.0
+    else:
+        w = np.asarray(sample_weight, dtype=np.float64)
+        if w.shape not in ((s.shape[1],), s.shape):
+            raise ValueError(f"sample_weight has shape {w.shape}, expected ({s.shape[1]},) or {s.shape}")
+        w_sorted = w[order] if w.ndim == 1 else np.take_along_axis(w, order, axis=1)
+    pos = np.where(y_sorted == 1, w_sorted, 0.0)
+    neg = np.where(y_sorted == 0, w_sorted, 0.0)
+    first, last = _tie_bounds(s_sorted)
+    return _rank_auroc(pos, neg, first, last)
+
+
+def auroc(y_true, score, sample_weight=None) -> float:
+    """Area under the ROC curve of one binary label (equals ``sklearn.metrics.roc_auc_score``).
+
+    Args:
+        y_true: labels 0/1 [n] (NaN = missing, left out).
+        score: float [n].
+        sample_weight: optional non-negative float [n].
+
+    Returns:
+        The AUROC, ties counting one half; NaN when positives or negatives are absent.
+    """
+    s = np.asarray(score, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"score must be 1-D [n], got shape {s.shape}")
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    return float(auroc_rows(y_true, s[None, :], w)[0])
+
+
+def auroc_per_label(Y, S) -> np.ndarray:
+    """AUROC of each label of a multi-label task.
+
+    Args:
+        Y: labels 0/1 [n, L], NaN = missing (left out for that label only).
+        S: float [n, L], one score column per label.
+
+    Returns:
+        float64 [L]; NaN for a label with one class absent among its non-missing rows.
+    """
+    Y = np.asarray(Y)
+    S = np.asarray(S, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != S.shape:
+        raise ValueError(f"Y and S must both be [n, L], got {Y.shape} and {S.shape}")
+    return auroc_rows(Y.T, S.T)
+
+
+def mean_auroc(Y, S) -> float:
+    """Mean AUROC over the labels that have both classes present (the studies' primary outcome).
+
+    Args:
+        Y: labels 0/1 [n, L], NaN = missing.
+        S: float [n, L].
+
+    Returns:
+        The mean over defined labels; NaN when no label is defined.
+    """
+    return _nanmean(auroc_per_label(Y, S))
+
+
+def _nanmean(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    ok = ~np.isnan(a)
+    return float(a[ok].mean()) if ok.any() else float("nan")
+
+
+def one_hot(y, n_classes: int) -> np.ndarray:
+    """One-vs-rest label matrix of a multi-class task.
+
+    Args:
+        y: int [n] class indices in ``0..n_classes-1``; a negative index marks a missing label.
+        n_classes: number of classes C.
+
+    Returns:
+        float64 [n, C], 1 at the true class, 0 elsewhere, rows of missing labels all NaN.
+    """
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise FeatcacheError(
+            f"class labels must be integer indices (negative = missing), got dtype {y.dtype}"
+        )
+    if (y >= n_classes).any():
+        raise FeatcacheError(f"class index {int(y.max())} is out of range for {n_classes} classes")
+    out = (y[:, None] == np.arange(n_classes)[None, :]).astype(np.float64)
+    out[y < 0] = np.nan
+    return out
+
+
+def auroc_ovr(y, score) -> float:
+    """Macro one-vs-rest AUROC of a multi-class task.
+
+    Equals ``roc_auc_score(y, score, multi_class="ovr", average="macro")`` when every class occurs
+    in ``y``; a class absent from ``y`` is left out of the mean instead of raising.
+
+    Args:
+        y: int [n] class indices (negative = missing).
+        score: float [n, C] class scores (probabilities or logits).
+
+    Returns:
+        Unweighted mean over classes of the AUROC of "this class vs the rest".
+    """
+    score = np.asarray(score, dtype=np.float64)
+    if score.ndim != 2:
+        raise ValueError(f"score must be [n, C], got shape {score.shape}")
+    return mean_auroc(one_hot(y, score.shape[1]), score)
+
+
+def _present(y_true) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    if np.issubdtype(y.dtype, np.floating):
+        return y, ~np.isnan(y)
+    return y, np.ones(y.shape, dtype=bool)
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction of correct predictions (binary or multi-class; equals ``accuracy_score``).
+
+    Args:
+        y_true: [n] true labels (float NaN = missing, left out).
+        y_pred: [n] predicted labels of the same kind.
+
+    Returns:
+        Accuracy in [0, 1]; NaN on zero rows.
+    """
+    y, ok = _present(y_true)
+    p = np.asarray(y_pred)
+    if p.shape != y.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {y.shape} vs {p.shape}")
+    return float(np.mean(y[ok] == p[ok])) if ok.any() else float("nan")
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true`` (equals ``balanced_accuracy_score``).
+
+    Args:
+        y_true: [n] true labels (float NaN = missing, left out).
+        y_pred: [n] predicted labels.
+
+    Returns:
+        Balanced accuracy in [0, 1]; NaN on zero rows.
+    """
+    y, ok = _present(y_true)
+    p = np.asarray(y_pred)
+    if p.shape != y.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {y.shape} vs {p.shape}")
+    y, p = y[ok], p[ok]
+    if not len(y):
+        return float("nan")
+    return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)]))
+
+
+def f1(y_true, y_pred) -> float:
+    """F1 score of the positive class (1) of a binary task (equals ``f1_score`` where defined).
+
+    Args:
+        y_true: 0/1 [n] (NaN = missing, left out).
+        y_pred: 0/1 or bool [n].
+
+    Returns:
+        ``2 TP / (2 TP + FP + FN)``; NaN when there is no positive label and no positive
+        prediction (scikit-learn returns 0 there, with a warning).
+    """
+    y = _binary_labels(y_true)
+    p = np.asarray(y_pred).astype(bool)
+    if p.shape != y.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {y.shape} vs {p.shape}")
+    ok = ~np.isnan(y)
+    t, p = y[ok] == 1, p[ok]
+    tp = np.sum(t & p)
+    den = 2 * tp + np.sum(~t & p) + np.sum(t & ~p)
+    return float(2 * tp / den) if den else float("nan")
+
+
+def sensitivity_specificity(y_true, score, threshold: float) -> tuple[float, float]:
+    """Sensitivity (true-positive rate) and specificity (true-negative rate) at a threshold.
+
+    Args:
+        y_true: 0/1 [n] (NaN = missing, left out).
+        score: float [n]; predicted positive when ``score >= threshold``.
+        threshold: decision threshold, e.g. from :func:`youden_threshold` on the validation split.
+
+    Returns:
+        ``(sensitivity, specificity)``, each NaN when its class is absent.
+    """
+    y = _binary_labels(y_true)
+    s = np.asarray(score, dtype=np.float64)
+    ok = ~np.isnan(y)
+    y, pred = y[ok], s[ok] >= threshold
+    pos, neg = y == 1, y == 0
+    sens = float(np.mean(pred[pos])) if pos.any() else float("nan")
+    spec = float(np.mean(~pred[neg])) if neg.any() else float("nan")
+    return sens, spec
+
+
+def youden_threshold(y_val, s_val) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1, chosen on validation data.
+
+    Candidates are the distinct validation scores (predict positive when ``score >= t``), the same
+    set as the thresholds of ``sklearn.metrics.roc_curve``; among equally good thresholds the
+    highest is returned. Choose it on the validation split and apply it unchanged to test.
+
+    Args:
+        y_val: 0/1 [n] validation labels (NaN = missing, left out).
+        s_val: float [n] validation scores.
+
+    Returns:
+        The threshold (one of the validation scores).
+
+    Raises:
+        FeatcacheError: the validation labels lack positives or negatives.
+    """
+    y = _binary_labels(y_val, "y_val")
+    s = _finite_scores(s_val, "s_val")
+    ok = ~np.isnan(y)
+    y, s = y[ok], s[ok]
+    s_pos, s_neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+    if not len(s_pos) or not len(s_neg):
+        raise FeatcacheError(
+            "youden_threshold needs positives and negatives in the validation labels; "
+            f"got {len(s_pos)} positives and {len(s_neg)} negatives"
+        )
+    cand = np.unique(s)
+    tp = len(s_pos) - np.searchsorted(s_pos, cand, side="left")
+    fp = len(s_neg) - np.searchsorted(s_neg, cand, side="left")
+    # J scaled by n_pos * n_neg stays an exact integer, so ties between thresholds are exact
+    j = tp * len(s_neg) - fp * len(s_pos)
+    best = np.flatnonzero(j == j.max())[-1]
+    return float(cand[best])
+
+
+def binary_metrics(y, score, threshold: float) -> dict[str, float]:
+    """All binary metrics of one label at once.
+
+    Args:
+        y: 0/1 [n] (NaN = missing, left out).
+        score: float [n].
+        threshold: decision threshold for the thresholded metrics (``score >= threshold``).
+
+    Returns:
+        ``{"auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "threshold",
+        "n", "n_pos"}`` (floats; ``n`` and ``n_pos`` count the non-missing rows and positives).
+    """
+    yy = _binary_labels(y)
+    s = _finite_scores(score)
+    ok = ~np.isnan(yy)
+    yy, s = yy[ok], s[ok]
+    pred = (s >= threshold).astype(np.float64)
+    sens, spec = sensitivity_specificity(yy, s, threshold)
+    return {
+        "auroc": auroc(yy, s),
+        "accuracy": accuracy(yy, pred),
+        "balanced_accuracy": balanced_accuracy(yy, pred),
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": f1(yy, pred),
+        "threshold": float(threshold),
+        "n": float(len(yy)),
+        "n_pos": float(np.sum(yy == 1)),
+    }
