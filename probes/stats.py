@@ -64,13 +64,11 @@ class CI(tuple):
         self.n_skipped = n_skipped
         return self
 
-    @property
-    def low(self):
-        return self[0]
+    def __getnewargs__(self):  # so results survive pickling (e.g. from joblib workers)
+        return (*self, self.n_boot, self.n_skipped)
 
-    @property
-    def high(self):
-        return self[1]
+    low = property(lambda self: self[0])
+    high = property(lambda self: self[1])
 
 
 class PairedResult(tuple):
@@ -90,6 +88,9 @@ class PairedResult(tuple):
         self.n_boot = n_boot
         self.n_skipped = n_skipped
         return self
+
+    def __getnewargs__(self):
+        return (*self, self.n_boot, self.n_skipped)
 
     diff = property(lambda self: self[0])
     low = property(lambda self: self[1])

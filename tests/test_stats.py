@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -195,6 +196,8 @@ def test_undefined_draws_are_skipped_and_counted():
     ci = S.bootstrap_ci(M.auroc, y, s, pid, n_boot=300, seed=2)
     assert 0 < ci.n_skipped == without_positive
     assert ci.n_boot == 300
+    again = pickle.loads(pickle.dumps(ci))  # e.g. returned from a worker process
+    assert (tuple(again), again.n_boot, again.n_skipped) == (tuple(ci), 300, ci.n_skipped)
 
 
 def test_paired_bootstrap_same_draws_for_both():
