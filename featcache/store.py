@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,9 @@ class FeatureStore:
                 else:
                     walk(sub, path + "/")
 
-        walk(self.root, "")
+        with warnings.catch_warnings():  # temp files of a write killed mid-way are not store objects
+            warnings.simplefilter("ignore")
+            walk(self.root, "")
         return sorted(found)
 
     def has_set(self, name: str) -> bool:

@@ -1,0 +1,490 @@
+"""The extraction pipeline: one pass of a frozen backbone over a manifest into a feature set.
+
+Decode workers (a torch DataLoader) read and preprocess images while the main
+thread runs the model in inference mode, and a writer thread buffers results
+by shard and commits each shard whole once all its rows are in (see
+``featcache.store``). Batches never straddle a shard, so a resumed run sees the
+same batches as an uninterrupted one and writes identical arrays.
+
+On CUDA the model runs in bfloat16 (float16 where bf16 is not supported) with
+SDPA attention; the micro-batch starts at ``batch_size`` and halves on
+out-of-memory instead of crashing. On CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache import __version__
+from featcache.errors import FeatcacheError, ImageReadError
+from featcache.images import Preprocess, read_image
+from featcache.manifest import Manifest, read_manifest
+from featcache.store import ArraySpec, FeatureSet, FeatureStore, extraction_lock
+
+TOKENS = ("cls", "pooled", "registers", "patch")
+
+
+class ExtractionInterrupted(FeatcacheError):
+    """Ctrl-C during extraction: finished shards are kept, the next run resumes."""
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that defines one extraction run.
+
+    Attributes:
+        model: registry name, ``random:NAME``, or a local Hugging Face checkpoint folder.
+        data: manifest CSV path.
+        out: feature store folder or URL.
+        res: input resolution in pixels (square).
+        root: image root (default: the manifest's folder).
+        name: feature set name (default ``<manifest stem>/<model>/<res>``).
+        tokens: token kinds to store; ``cls`` and ``pooled`` always, ``registers`` and ``patch`` opt-in.
+        layers: intermediate layers (``last4``, ``3,6,9``...) stored as ``layer_cls``/``layer_pooled``.
+        patch_pool: spatial average pooling factor of stored patch tokens (1 = none).
+        resize, interpolation: preprocessing (see ``featcache.images.Preprocess``).
+        batch_size: images per batch (None: 64 on CUDA, 16 on CPU); halves on CUDA out-of-memory.
+        workers: decode worker processes (None: up to 8, one core left for the model).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        dtype: compute dtype ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        seed: seed of a ``random:`` model.
+        shard_rows: rows per shard (None: about 256 MiB per shard).
+        num_shards, shard_index: this worker's slice of the shards (several workers, one store).
+        on_error: ``skip`` (record the failure, go on) or ``fail`` (stop, naming the file).
+        retry_failed: re-process rows that failed in an earlier run.
+        compile: ``torch.compile`` the model.
+        revision: hub revision (branch, tag or commit) of the weights.
+    """
+
+    model: str
+    data: str
+    out: str
+    res: int = 224
+    root: str | None = None
+    name: str | None = None
+    tokens: tuple[str, ...] = ("cls", "pooled")
+    layers: str | None = None
+    patch_pool: int = 1
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    shard_rows: int | None = None
+    num_shards: int = 1
+    shard_index: int = 0
+    on_error: str = "skip"
+    retry_failed: bool = False
+    compile: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class ExtractResult:
+    """What a run did.
+
+    Attributes:
+        set_name: the feature set written.
+        n: rows in the set.
+        processed: rows processed by this run.
+        failed: rows of the whole set marked failed.
+        pending: rows of the whole set still pending (other workers' shards, or an interrupted run).
+        shards_skipped: shards already done before this run.
+        seconds: wall time of the pass.
+        batch_size: the micro-batch size in use at the end.
+        failures: the failed rows (index, id, reason), at most 20.
+    """
+
+    set_name: str
+    n: int
+    processed: int
+    failed: int
+    pending: int
+    shards_skipped: int
+    seconds: float
+    batch_size: int
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Processed rows per second."""
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> str:
+    """``<manifest stem>/<model>/<res>``, with the model name made path-safe."""
+    model_part = Path(model).name if os.path.isdir(model) else model
+    model_part = model_part.replace(":", "-").replace("/", "_")
+    return f"{Path(manifest_path).stem}/{model_part}/{res}"
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise FeatcacheError(f"--dtype {dtype}: choose one of auto, {', '.join(table)}")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FeatcacheError("--dtype bfloat16: this GPU has no bfloat16 support; use float16 or auto")
+    return table[dtype]
+
+
+def _worker_slice(cfg: ExtractConfig) -> tuple[int, int]:
+    num, idx = cfg.num_shards, cfg.shard_index
+    if num == 1 and "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM-style launch
+        num, idx = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if num < 1 or not 0 <= idx < num:
+        raise FeatcacheError(f"--shard-index {idx} must be in [0, --num-shards {num})")
+    return num, idx
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes and preprocesses manifest rows; a failure is returned, not raised."""
+
+    def __init__(self, manifest: Manifest, preprocess: Preprocess):
+        self.manifest = manifest
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, i: int):
+        path = self.manifest.abspath(i)
+        try:
+            return i, self.preprocess(read_image(path)), ""
+        except ImageReadError as e:
+            return i, None, str(e)
+        except Exception as e:  # any decoder bug must not kill the run; it is recorded per row
+            return i, None, f"{path}: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    idx = [i for i, x, _ in items if x is not None]
+    pixels = torch.stack([x for _, x, _ in items if x is not None]) if idx else None
+    errors = {i: err for i, x, err in items if x is None}
+    return idx, pixels, errors
+
+
+class _Writer(threading.Thread):
+    """Buffers rows by shard and commits each shard whole once every row of it is in."""
+
+    def __init__(self, fs: FeatureSet, specs: dict[str, ArraySpec]):
+        super().__init__(daemon=True, name="featcache-writer")
+        self.fs, self.specs = fs, specs
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.buffers: dict[int, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._add(*item)
+            except BaseException as e:  # surfaced to the main thread
+                self.error = e
+
+    def _buffer(self, shard: int) -> dict[str, Any]:
+        if shard not in self.buffers:
+            lo, hi = self.fs.shard_range(shard)
+            self.buffers[shard] = {
+                "data": {k: np.zeros((hi - lo, *s.shape), s.dtype) for k, s in self.specs.items()},
+                "filled": np.zeros(hi - lo, bool),
+                "failed": {},
+                "lo": lo,
+            }
+        return self.buffers[shard]
+
+    def _add(self, idx: list[int], outputs: dict[str, np.ndarray], errors: dict[int, str]) -> None:
+        rows = sorted(set(idx) | set(errors))
+        shard = rows[0] // self.fs.shard_rows
+        buf = self._buffer(shard)
+        lo = buf["lo"]
+        if idx:
+            pos = np.asarray(idx) - lo
+            for k, v in outputs.items():
+                buf["data"][k][pos] = v
+            buf["filled"][pos] = True
+        for i, reason in errors.items():
+            buf["failed"][i] = reason
+            buf["filled"][i - lo] = True
+        if buf["filled"].all():
+            self.fs.write_shard(shard, buf["data"], buf["failed"])
+            del self.buffers[shard]
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _to_numpy(
+    out: dict[str, torch.Tensor], specs: dict[str, ArraySpec], patch_pool: int
+) -> dict[str, np.ndarray]:
+    res = {}
+    for k in specs:
+        t = out[k]
+        if k == "patch" and patch_pool > 1:
+            t = torch.nn.functional.avg_pool2d(t.permute(0, 3, 1, 2).float(), patch_pool).permute(0, 2, 3, 1)
+        res[k] = t.to(torch.float32).cpu().numpy().astype(specs[k].dtype, copy=False)
+    return res
+
+
+def _forward(backbone, pixels: torch.Tensor, layers: list[int], device: torch.device, dtype: torch.dtype):
+    with torch.inference_mode():
+        return backbone(pixels.to(device, dtype=dtype, non_blocking=True), layers=layers)
+
+
+def _array_specs(out: dict[str, torch.Tensor], tokens: tuple[str, ...], layers: list[int], patch_pool: int):
+    specs = {"cls": ArraySpec(tuple(out["cls"].shape[1:]), "float32")}
+    specs["pooled"] = ArraySpec(tuple(out["pooled"].shape[1:]), "float32")
+    if "registers" in tokens:
+        if "registers" not in out:
+            raise FeatcacheError("--tokens registers: this model has no register tokens")
+        specs["registers"] = ArraySpec(tuple(out["registers"].shape[1:]), "float16")
+    if "patch" in tokens:
+        h, w, d = out["patch"].shape[1:]
+        if h % patch_pool or w % patch_pool:
+            raise FeatcacheError(f"--patch-pool {patch_pool} does not divide the {h}x{w} patch grid")
+        specs["patch"] = ArraySpec((h // patch_pool, w // patch_pool, d), "float16")
+    if layers:
+        specs["layer_cls"] = ArraySpec(tuple(out["layer_cls"].shape[1:]), "float32")
+        specs["layer_pooled"] = ArraySpec(tuple(out["layer_pooled"].shape[1:]), "float32")
+    return specs
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    import zarr
+
+    return {
+        "featcache": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
+    """Embed every pending row of a manifest into a feature set (resuming a previous run).
+
+    Args:
+        cfg: the run's settings.
+        progress: show a progress bar with images/s and ETA on stderr.
+
+    Returns:
+        An ``ExtractResult``; rows that failed are recorded in the store with their reason.
+
+    Raises:
+        FeatcacheError: bad input (manifest, options, model), a locked or incompatible store;
+            with ``on_error="fail"``, the first file that cannot be decoded.
+        ExtractionInterrupted: Ctrl-C; finished shards are kept.
+    """
+    from featcache.models import load_backbone, resolve_layers
+
+    if cfg.on_error not in ("skip", "fail"):
+        raise FeatcacheError(f"--on-error {cfg.on_error}: choose skip or fail")
+    unknown = [t for t in cfg.tokens if t not in TOKENS]
+    if unknown:
+        raise FeatcacheError(f"--tokens {','.join(unknown)}: unknown; choose from {', '.join(TOKENS)}")
+    tokens = tuple(dict.fromkeys(("cls", "pooled", *cfg.tokens)))
+    if cfg.patch_pool < 1:
+        raise FeatcacheError("--patch-pool must be 1 or more")
+    num_shards, shard_index = _worker_slice(cfg)
+    manifest = read_manifest(cfg.data, cfg.root)  # validated before any model is loaded
+    device = _resolve_device(cfg.device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+
+    backbone = load_backbone(cfg.model, seed=cfg.seed, device=device, dtype=dtype, revision=cfg.revision)
+    spec = backbone.spec
+    layers = resolve_layers(cfg.layers, backbone.num_layers) if cfg.layers else []
+    preprocess = Preprocess(
+        res=cfg.res,
+        resize=cfg.resize,
+        interpolation=cfg.interpolation,
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
+    )
+    probe_out = _forward(backbone, torch.zeros(1, 3, cfg.res, cfg.res), layers, device, dtype)
+    specs = _array_specs(probe_out, tokens, layers, cfg.patch_pool)
+    del probe_out
+
+    name = cfg.name or default_set_name(cfg.data, cfg.model, cfg.res)
+    config = {
+        "model": cfg.model,
+        "weights": backbone.provenance.get("weights"),
+        "res": cfg.res,
+        "preprocessing": preprocess.to_dict(),
+        "tokens": list(tokens),
+        "layers": layers,
+        "patch_pool": cfg.patch_pool,
+        "compute_dtype": str(dtype).replace("torch.", ""),
+    }
+    attrs = {
+        "config": config,
+        "model": cfg.model,
+        "model_spec": spec.name,
+        "res": cfg.res,
+        "provenance": backbone.provenance,
+        "preprocessing": preprocess.to_dict(),
+        "tokens": list(tokens),
+        "layers": layers,
+        "patch_pool": cfg.patch_pool,
+        "versions": _versions(),
+        "device": _device_name(device),
+    }
+    store = FeatureStore(cfg.out, mode="a")
+    fs = store.create_set(name, manifest, specs, attrs, shard_rows=cfg.shard_rows)
+
+    with extraction_lock(fs, shard_index, num_shards):
+        if cfg.retry_failed:
+            fs.reset_failed()
+        status = fs.status
+        done = fs.shard_done(status)
+        mine = [s for s in range(fs.n_shards) if s % num_shards == shard_index]
+        todo = [s for s in mine if not done[s]]
+        skipped = len(mine) - len(todo)
+        batch_size = cfg.batch_size or (64 if device.type == "cuda" else 16)
+        batches = []
+        for s in todo:
+            lo, hi = fs.shard_range(s)
+            rows = [i for i in range(lo, hi)]
+            batches += [rows[j : j + batch_size] for j in range(0, len(rows), batch_size)]
+        n_todo = sum(len(b) for b in batches)
+        if cfg.compile and n_todo:
+            backbone = torch.compile(backbone)
+        workers = cfg.workers if cfg.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+        loader = torch.utils.data.DataLoader(
+            _Images(manifest, preprocess),
+            batch_sampler=batches,
+            num_workers=workers if n_todo else 0,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers and n_todo else None,
+            persistent_workers=False,
+        )
+        bar = None
+        if progress and n_todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_todo, unit="img", desc=name, dynamic_ncols=True, smoothing=0.1)
+        writer = _Writer(fs, specs)
+        writer.start()
+        micro = batch_size
+        processed = 0
+        t0 = time.perf_counter()
+        try:
+            for idx, pixels, errors in loader:
+                if errors and cfg.on_error == "fail":
+                    first = min(errors)
+                    raise ImageReadError(
+                        f"{errors[first]} (row id '{manifest.ids[first]}'; use --on-error skip to go on)"
+                    )
+                outputs: dict[str, list[np.ndarray]] = {k: [] for k in specs}
+                j = 0
+                while pixels is not None and j < len(idx):
+                    chunk = pixels[j : j + micro]
+                    try:
+                        out = _forward(backbone, chunk, layers, device, dtype)
+                    except torch.OutOfMemoryError:
+                        if micro == 1:
+                            raise FeatcacheError(
+                                f"out of GPU memory with one image at {cfg.res} px; use a smaller --res or model"
+                            ) from None
+                        micro = max(1, micro // 2)
+                        torch.cuda.empty_cache()
+                        continue
+                    for k, v in _to_numpy(out, specs, cfg.patch_pool).items():
+                        outputs[k].append(v)
+                    j += len(chunk)
+                merged = {k: np.concatenate(v) for k, v in outputs.items() if v}
+                writer.put((idx, merged, errors))
+                processed += len(idx) + len(errors)
+                if bar is not None:
+                    bar.update(len(idx) + len(errors))
+        except KeyboardInterrupt:
+            _drain_and_close(writer)
+            raise ExtractionInterrupted(
+                f"interrupted after {processed} images; finished shards are saved: re-run the same command to resume"
+            ) from None
+        except BaseException:
+            _drain_and_close(writer)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        writer.close()
+        seconds = time.perf_counter() - t0
+
+    status = fs.status
+    fs.update_attrs(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=_device_name(device))
+    failures = fs.failures()
+    return ExtractResult(
+        set_name=name,
+        n=fs.n,
+        processed=processed,
+        failed=int((status == 2).sum()),
+        pending=int((status == 0).sum()),
+        shards_skipped=skipped,
+        seconds=seconds,
+        batch_size=micro,
+        failures=failures[:20],
+    )
+
+
+def _drain_and_close(writer: _Writer) -> None:
+    """Let the writer finish the shards already complete in its queue; errors are secondary here."""
+    try:
+        writer.close()
+    except BaseException:  # the original exception matters more
+        pass
+
+
+def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
+    """The run settings as a plain dict."""
+    return asdict(cfg)

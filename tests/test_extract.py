@@ -1,0 +1,221 @@
+"""Extraction end to end with tiny random models: stored features equal a direct forward,
+resume after a kill is bit-identical, failures are recorded, workers split shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featcache.errors import FeatcacheError, ImageReadError, ManifestError
+from featcache.extract import ExtractConfig, extract
+from featcache.images import Preprocess, read_image
+from featcache.manifest import write_manifest
+from featcache.models import load_backbone
+from featcache.store import FAILED, OK, FeatureStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_dicom(path: Path, arr: np.ndarray, monochrome1: bool = False) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.PatientID = "x"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _dataset(root: Path, n: int = 10, size: int = 40, kinds=("png8",), seed: int = 0) -> Path:
+    """n images cycling through the given kinds; returns the manifest path."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        base = (rng.random((size, size)) * 0.5 + np.linspace(0, 0.5, size)[None, :]).astype(np.float32)
+        if kind == "png8":
+            p = f"img{i}.png"
+            Image.fromarray((base * 255).astype(np.uint8)).save(root / p)
+        elif kind == "png16":
+            p = f"img{i}.png"
+            Image.fromarray((base * 65535).astype(np.uint16)).save(root / p)
+        elif kind == "jpeg":
+            p = f"img{i}.jpg"
+            Image.fromarray((base * 255).astype(np.uint8)).save(root / p, quality=95)
+        elif kind == "dicom":
+            p = f"img{i}.dcm"
+            _write_dicom(root / p, base * 4095)
+        paths.append(p)
+    cols = {
+        "path": paths,
+        "patient_id": [f"p{i // 2}" for i in range(n)],
+        "split": ["train" if (i // 2) % 2 == 0 else "test" for i in range(n)],
+        "finding": [float(i % 2) for i in range(n)],
+    }
+    return write_manifest(root / "manifest.csv", cols)
+
+
+def _cfg(root: Path, manifest: Path, **kw) -> ExtractConfig:
+    base = dict(model="random:dinov3-vits16", data=str(manifest), out=str(root / "cache"), res=32, workers=0)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+@pytest.mark.parametrize(
+    ("model", "res"),
+    [("random:dinov3-vits16", 32), ("random:dinov2-vits14", 28), ("random:dinov2-vits14-reg", 28)],
+)
+def test_stored_features_equal_direct_forward(tmp_path, model, res):
+    manifest = _dataset(tmp_path, n=8, kinds=("png8", "png16", "jpeg", "dicom"))
+    r = extract(_cfg(tmp_path, manifest, model=model, res=res, batch_size=3, shard_rows=4), progress=False)
+    assert (r.n, r.failed, r.pending, r.processed) == (8, 0, 0, 8)
+    fs = FeatureStore(tmp_path / "cache").open_set(r.set_name)
+    backbone = load_backbone(model, seed=0)
+    spec = backbone.spec
+    pre = Preprocess(res=res, mean=tuple(spec.mean), std=tuple(spec.std))
+    paths = [tmp_path / p for p in fs.paths]
+    pixels = torch.stack([pre(read_image(p)) for p in paths])
+    with torch.inference_mode():
+        direct = backbone(pixels)
+    np.testing.assert_allclose(fs.read("cls"), direct["cls"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fs.read("pooled"), direct["pooled"].numpy(), rtol=1e-4, atol=1e-4)
+    assert fs.verify() == []
+    assert fs.attrs["provenance"]["source"] == "random"
+    assert fs.attrs["config"]["res"] == res and fs.attrs["manifest_digest"]
+
+
+def test_tokens_layers_and_patch_pool(tmp_path):
+    manifest = _dataset(tmp_path, n=4)
+    r = extract(
+        _cfg(tmp_path, manifest, res=64, tokens=("cls", "registers", "patch"), layers="last2", patch_pool=2),
+        progress=False,
+    )
+    fs = FeatureStore(tmp_path / "cache").open_set(r.set_name)
+    assert fs.shape("registers") == (4, 4, 384)
+    assert fs.shape("patch") == (4, 2, 2, 384)  # 64 px / 16 = 4x4 patches, pooled by 2
+    assert fs.shape("layer_cls") == (4, 2, 384)
+    np.testing.assert_allclose(fs.read("layer_cls")[:, -1], fs.read("cls"), rtol=1e-5, atol=1e-5)
+    patch = fs.read("patch").astype(np.float32)
+    # pooled is the mean of the (unpooled) patch tokens: the pooled grid keeps that mean
+    np.testing.assert_allclose(patch.mean(axis=(1, 2)), fs.read("pooled"), rtol=2e-2, atol=2e-3)
+
+
+def test_rerun_resumes_and_refuses_other_settings(tmp_path):
+    manifest = _dataset(tmp_path, n=6)
+    first = extract(_cfg(tmp_path, manifest, shard_rows=2), progress=False)
+    again = extract(_cfg(tmp_path, manifest, shard_rows=2), progress=False)
+    assert first.processed == 6 and again.processed == 0 and again.shards_skipped == 3
+    with pytest.raises(FeatcacheError, match="other settings"):
+        extract(_cfg(tmp_path, manifest, shard_rows=2, resize="letterbox"), progress=False)
+
+
+def test_undecodable_file_skip_and_fail(tmp_path):
+    manifest = _dataset(tmp_path, n=6)
+    (tmp_path / "img3.png").write_bytes(b"not a png")
+    r = extract(_cfg(tmp_path, manifest, shard_rows=4), progress=False)
+    assert r.failed == 1 and r.pending == 0
+    assert r.failures[0]["id"] == "img3.png" and "img3.png" in r.failures[0]["reason"]
+    fs = FeatureStore(tmp_path / "cache").open_set(r.set_name)
+    assert fs.status.tolist() == [OK, OK, OK, FAILED, OK, OK]
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "img3.png")  # fixed by the user
+    r2 = extract(_cfg(tmp_path, manifest, shard_rows=4, retry_failed=True), progress=False)
+    assert r2.failed == 0 and r2.processed == 4  # only the shard holding the failed row is redone
+    (tmp_path / "img5.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="img5.png"):
+        extract(
+            _cfg(tmp_path, manifest, out=str(tmp_path / "c2"), on_error="fail", shard_rows=2), progress=False
+        )
+    fs2 = FeatureStore(tmp_path / "c2").open_set()
+    assert fs2.status[:4].tolist() == [OK] * 4  # shards finished before the failure are kept
+
+
+def test_bad_manifest_fails_before_model_load(tmp_path):
+    (tmp_path / "m.csv").write_text("path\nmissing.png\n")
+    with pytest.raises(ManifestError, match="missing.png"):
+        extract(_cfg(tmp_path, tmp_path / "m.csv", model="random:no-such-model"), progress=False)
+
+
+def test_workers_write_disjoint_shards(tmp_path):
+    manifest = _dataset(tmp_path, n=10)
+    single = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "one"), shard_rows=2), progress=False)
+    for i in range(3):
+        r = extract(
+            _cfg(tmp_path, manifest, out=str(tmp_path / "multi"), shard_rows=2, num_shards=3, shard_index=i),
+            progress=False,
+        )
+    assert r.pending == 0
+    a = FeatureStore(tmp_path / "one").open_set(single.set_name)
+    b = FeatureStore(tmp_path / "multi").open_set(single.set_name)
+    np.testing.assert_array_equal(a.read("cls"), b.read("cls"))
+    np.testing.assert_array_equal(a.read("pooled"), b.read("pooled"))
+
+
+_RUNNER = """
+import sys
+from featcache.extract import ExtractConfig, extract
+cfg = ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32, workers=0,
+                    shard_rows=2, batch_size=1)
+extract(cfg, progress=False)
+"""
+
+
+def _wait_ok_rows(store: Path, at_least: int, proc, timeout=120.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            fs = FeatureStore(store).open_set()
+            if int((fs.status == OK).sum()) >= at_least:
+                return
+        except FeatcacheError:
+            pass
+        if proc.poll() is not None:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_kill_and_resume_is_bit_identical(tmp_path, sig):
+    manifest = _dataset(tmp_path, n=12)
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, "-c", _RUNNER, str(manifest), str(clean)], check=True, cwd=REPO)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    left = []
+    for stop_after in (2, 6):  # kill at two points, then let it finish
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RUNNER, str(manifest), str(killed)], cwd=REPO, env=env
+        )
+        _wait_ok_rows(killed, stop_after, proc)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        left.append(int((FeatureStore(killed).open_set().status == OK).sum()))
+    assert any(0 < k < 12 for k in left), left  # at least one kill really landed mid-run
+    subprocess.run([sys.executable, "-c", _RUNNER, str(manifest), str(killed)], check=True, cwd=REPO, env=env)
+    a = FeatureStore(clean).open_set()
+    b = FeatureStore(killed).open_set()
+    assert b.verify() == []
+    assert b.ids.tolist() == a.ids.tolist()
+    for key in ("cls", "pooled"):
+        np.testing.assert_array_equal(a.read(key), b.read(key))
