@@ -28,7 +28,7 @@ def _tiny_registry() -> Registry:
             "tiny-vit",
             "featcache-test/tiny-vit",
             "vit",
-            {**vit, "patch_size": 8, "image_size": 32},
+            {**vit, "patch_size": 8, "image_size": 32, "layer_norm_eps": 1e-12},
             patch_size=8,
             embed_dim=32,
             num_layers=3,
@@ -421,3 +421,44 @@ def test_unknown_model_suggests_close_names():
 def test_timm_models_need_timm():
     with pytest.raises(ModelLoadError, match="pip install timm"):
         load_backbone("random:densenet201")
+
+
+def test_hub_checkpoint_with_other_normalisation_or_eps_warns_and_uses_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    _save("tiny-vit", tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    pre = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (tmp_path / "src" / "preprocessor_config.json").write_text(json.dumps(pre))
+    _fake_hub_cache(tmp_path / "hf" / "hub", "featcache-test/tiny-vit", tmp_path / "src")
+    with pytest.warns(UserWarning) as record:
+        bb = load_backbone("tiny-vit", registry=TINY)
+    text = " ".join(str(w.message) for w in record)
+    assert "layer_norm_eps is 1e-06, expected 1e-12" in text and "normalises with mean" in text
+    assert bb.model.config.layer_norm_eps == 1e-6
+    assert bb.spec.mean == (0.5, 0.5, 0.5) and bb.spec.std == (0.25, 0.25, 0.25)
+    assert bb.provenance["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_folder_of_an_architecture_outside_the_registry(tmp_path):
+    folder = tmp_path / "my-finetuned-vit"
+    bb = _save("tiny-vit", folder)
+    with pytest.warns(UserWarning, match="not in the registry"):
+        back = load_backbone(str(folder))  # the global registry has no 32-wide ViT
+    assert back.spec.name == "my-finetuned-vit" and back.provenance["registry_entry"] is None
+    assert (back.embed_dim, back.num_layers, back.patch_size) == (32, 3, 8)
+    x = _pixels(32)
+    torch.testing.assert_close(back(x)["pooled"], bb(x)["pooled"], rtol=0, atol=0)
+
+
+def test_hub_repository_outside_the_registry_loads_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    _save("tiny-convnext", tmp_path / "src")
+    _fake_hub_cache(tmp_path / "hf" / "hub", "someone/chest-convnext", tmp_path / "src", commit="b" * 40)
+    bb = load_backbone("someone/chest-convnext", registry=TINY)
+    assert bb.spec.name == "tiny-convnext"  # same architecture as the registry entry
+    assert bb.provenance["weights"] == "someone/chest-convnext@" + "b" * 40
+    assert bb(_pixels(64))["pooled"].shape == (2, 32)
