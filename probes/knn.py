@@ -115,6 +115,18 @@ class KNNProbe(BaseEstimator):
         self.n_train_ = int(rows.size)
         return self
 
+    def __getstate__(self):
+        # FAISS indexes are SWIG objects: pickle (and joblib) them through their byte form.
+        state = dict(super().__getstate__())
+        if "index_" in state:
+            state["index_"] = faiss.serialize_index(state["index_"])
+        return state
+
+    def __setstate__(self, state):
+        if "index_" in state:
+            state = {**state, "index_": faiss.deserialize_index(state["index_"])}
+        super().__setstate__(state)
+
     def _check_fitted(self):
         if not hasattr(self, "index_"):
             raise FeatcacheError("this KNNProbe is not fitted yet: call fit(X_train, Y_train) first")
