@@ -325,7 +325,572 @@ def demo(out: str, model: str, res: int, patients: int) -> None:
 # ---- featcache dataset commands (manifest, split, check, export, import) ----
 
 
+@featcache.group()
+def manifest() -> None:
+    """Build a manifest CSV from a public dataset's official files (labels renamed to one vocabulary).
+
+    Example: featcache manifest nih --root /data/nih --out nih.csv
+    """
+
+
+def _adapter_options(fn):
+    """--root, --out and --no-check-files, shared by every `featcache manifest` command."""
+    fn = click.option(
+        "--no-check-files",
+        is_flag=True,
+        help="Do not look for the images on disk (documented paths are used).",
+    )(fn)
+    fn = click.option("--out", required=True, help="Manifest CSV to write.")(fn)
+    return click.option(
+        "--root", required=True, help="The dataset's folder (its official files and images)."
+    )(fn)
+
+
+def _build(dataset: str, root: str, out: str, no_check_files: bool, **options) -> None:
+    from featcache.datasets import build_manifest
+
+    built = build_manifest(dataset, root, out, check_files=not no_check_files, **options)
+    click.echo(f"wrote {built.out}: {built.summary()}")
+    for note in built.notes:
+        _echo_err(f"note: {note}")
+    click.echo(
+        f"paths are relative to {built.root}: pass --root {built.root} to `featcache extract` and `check`"
+    )
+
+
+@manifest.command(name="nih")
+@_adapter_options
+@click.option(
+    "--val", default=0.1, show_default=True, type=float, help="Share of train_val images carved into val."
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the val carve.")
+@click.option("--no-official-split", is_flag=True, help="Ignore train_val_list.txt / test_list.txt.")
+@_one_line_errors
+def manifest_nih(root, out, no_check_files, val, seed, no_official_split) -> None:
+    """NIH ChestX-ray14: Data_Entry_2017(_v2020).csv, official split lists, images*/ folders.
+
+    Example: featcache manifest nih --root /data/nih --out nih.csv
+    """
+    _build("nih", root, out, no_check_files, val=val, seed=seed, official_split=not no_official_split)
+
+
+@manifest.command(name="chexpert")
+@_adapter_options
+@click.option("--views", type=click.Choice(["frontal", "all"]), default="frontal", show_default=True)
+@click.option(
+    "--valid-as",
+    type=click.Choice(["test", "val"]),
+    default="test",
+    show_default=True,
+    help="Split of the official valid.csv (radiologist consensus).",
+)
+@click.option(
+    "--val", default=0.1, show_default=True, type=float, help="With --valid-as test: val share of train."
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@_one_line_errors
+def manifest_chexpert(root, out, no_check_files, views, valid_as, val, seed) -> None:
+    """CheXpert: train.csv / valid.csv; uncertain labels kept as -1, unmentioned ones blank.
+
+    Example: featcache manifest chexpert --root /data/chexpert --out chexpert.csv --views frontal
+    """
+    _build("chexpert", root, out, no_check_files, views=views, valid_as=valid_as, val=val, seed=seed)
+
+
+@manifest.command(name="mimic-cxr-jpg")
+@_adapter_options
+@click.option("--views", type=click.Choice(["frontal", "all"]), default="frontal", show_default=True)
+@click.option("--labeler", type=click.Choice(["chexpert", "negbio"]), default="chexpert", show_default=True)
+@_one_line_errors
+def manifest_mimic(root, out, no_check_files, views, labeler) -> None:
+    """MIMIC-CXR-JPG: mimic-cxr-2.0.0-{metadata,chexpert,split}.csv and files/p*/.
+
+    Example: featcache manifest mimic-cxr-jpg --root /data/mimic-cxr-jpg/2.0.0 --out mimic.csv
+    """
+    _build("mimic-cxr-jpg", root, out, no_check_files, views=views, labeler=labeler)
+
+
+@manifest.command(name="vindr-cxr")
+@_adapter_options
+@click.option(
+    "--aggregate",
+    type=click.Choice(["majority", "any"]),
+    default="majority",
+    show_default=True,
+    help="How the 3 training radiologists are combined (the test set is a consensus).",
+)
+@_one_line_errors
+def manifest_vindr(root, out, no_check_files, aggregate) -> None:
+    """VinDr-CXR: annotations/image_labels_{train,test}.csv and train/ test/ images.
+
+    Example: featcache manifest vindr-cxr --root /data/vindr-cxr/1.0.0 --out vindr.csv
+    """
+    _build("vindr-cxr", root, out, no_check_files, aggregate=aggregate)
+
+
+@manifest.command(name="rsna-pneumonia")
+@_adapter_options
+@_one_line_errors
+def manifest_rsna(root, out, no_check_files) -> None:
+    """RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv (one row per box) and its images.
+
+    Example: featcache manifest rsna-pneumonia --root /data/rsna --out rsna.csv
+    """
+    _build("rsna-pneumonia", root, out, no_check_files)
+
+
+@manifest.command(name="padchest")
+@_adapter_options
+@click.option("--views", type=click.Choice(["frontal", "all"]), default="frontal", show_default=True)
+@_one_line_errors
+def manifest_padchest(root, out, no_check_files, views) -> None:
+    """PadChest: the PADCHEST_chest_x_ray_images_labels CSV (Labels as a list literal) and its images.
+
+    Example: featcache manifest padchest --root /data/padchest --out padchest.csv
+    """
+    _build("padchest", root, out, no_check_files, views=views)
+
+
+@manifest.command(name="pediatric-pneumonia")
+@_adapter_options
+@click.option("--classes", type=click.Choice(["binary", "pathogen"]), default="binary", show_default=True)
+@click.option("--no-official-split", is_flag=True, help="Leave the split blank instead of using the folders.")
+@_one_line_errors
+def manifest_pediatric(root, out, no_check_files, classes, no_official_split) -> None:
+    """Kermany pediatric pneumonia: chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg.
+
+    Example: featcache manifest pediatric-pneumonia --root /data/chest_xray --out kermany.csv
+    """
+    _build(
+        "pediatric-pneumonia",
+        root,
+        out,
+        no_check_files,
+        classes=classes,
+        official_split=not no_official_split,
+    )
+
+
+@manifest.command(name="folder")
+@_adapter_options
+@_one_line_errors
+def manifest_folder(root, out, no_check_files) -> None:
+    """One class per folder: ROOT/<class>/*.png (or ROOT/<split>/<class>/*.png).
+
+    Example: featcache manifest folder --root /data/tb --out tb.csv
+    """
+    _build("folder", root, out, no_check_files)
+
+
+@manifest.command(name="medmnist")
+@_adapter_options
+@click.option("--class-names", help="Comma-separated names of the class indices (default: MedMNIST's own).")
+@_one_line_errors
+def manifest_medmnist(root, out, no_check_files, class_names) -> None:
+    """MedMNIST .npz (--root is the file): writes PNGs beside the manifest and lists them.
+
+    Example: featcache manifest medmnist --root pneumoniamnist.npz --out pmnist/pneumoniamnist.csv
+    """
+    names = [c.strip() for c in class_names.split(",")] if class_names else None
+    _build("medmnist", root, out, no_check_files, class_names=names)
+
+
+@featcache.command()
+@click.argument("manifest_csv")
+@click.option("--out", required=True, help="Manifest CSV to write (may be the input).")
+@click.option(
+    "--by", default="patient", show_default=True, help="patient, or a meta_* column kept whole too."
+)
+@click.option("--val", default=0.1, show_default=True, type=float, help="Share of all images for val.")
+@click.option("--test", default=0.2, show_default=True, type=float, help="Share of all images for test.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--stratify", help="Label columns to stratify on (comma-separated), 'all', or 'label'.")
+@click.option("--overwrite", is_flag=True, help="Re-assign rows that already have a split.")
+@_one_line_errors
+def split(manifest_csv, out, by, val, test, seed, stratify, overwrite) -> None:
+    """Assign patient-level train/val/test splits (seeded, optionally stratified); set splits are kept.
+
+    Example: featcache split nih.csv --val 0.1 --test 0.2 --seed 0 --stratify all --out nih.split.csv
+    """
+    from featcache.datasets import split_manifest
+
+    result = split_manifest(
+        manifest_csv, out, val=val, test=test, seed=seed, stratify=stratify, by=by, overwrite=overwrite
+    )
+    click.echo(result.summary())
+    for label, shares in result.prevalence.items():
+        click.echo(f"  {label:28} " + "  ".join(f"{s} {100 * v:5.2f}%" for s, v in shares.items()))
+
+
+@featcache.command()
+@click.argument("manifest_csv")
+@click.option("--root", help="Folder the paths are relative to [default: the manifest's folder].")
+@click.option("--no-check-files", is_flag=True, help="Do not check that the image files exist.")
+@_one_line_errors
+def check(manifest_csv, root, no_check_files) -> None:
+    """Check a manifest (leakage, duplicate ids, label values, missing files) and count each split.
+
+    Example: featcache check nih.split.csv --root /data/nih
+    """
+    from featcache.datasets import check_manifest
+
+    report = check_manifest(manifest_csv, root, check_files=not no_check_files)
+    click.echo(report.render())
+    for w in report.warnings:
+        _echo_err(f"warning: {w}")
+    click.echo(f"ok: {report.source} passes every check")
+
+
+@featcache.command()
+@click.argument("cache")
+@click.argument("set_name", required=False)
+@click.option(
+    "--format", "fmt", type=click.Choice(["h5", "npz"]), help="[default: from --out, h5 unless .npz]"
+)
+@click.option("--out", required=True, help="File to write.")
+@click.option("--patch", is_flag=True, help="Also export the patch tokens (large).")
+@_one_line_errors
+def export(cache, set_name, fmt, out, patch) -> None:
+    """Export a feature set (features, ids, patients, splits, labels, provenance) to HDF5 or npz.
+
+    Example: featcache export cache/ nih/dinov3-vitb16/512 --format h5 --out nih-vitb16.h5
+    """
+    from featcache.interop import export_set
+
+    path = export_set(cache, set_name, out, fmt, patch=patch)
+    click.echo(f"wrote {path}")
+
+
+@featcache.command(name="import")
+@click.argument("file")
+@click.option(
+    "--format", "fmt", type=click.Choice(["h5", "npz"]), help="[default: from FILE, h5 unless .npz]"
+)
+@click.option("--out", required=True, help="Feature store to write into (created if absent).")
+@click.option("--name", required=True, help="Feature set name, e.g. nih/other-model/224.")
+@click.option("--manifest", "manifest_csv", required=True, help="Manifest whose ids the file's ids refer to.")
+@click.option("--root", help="The manifest's root [default: its folder].")
+@click.option(
+    "--features-key", default="features", show_default=True, help="Dataset(s) of features, comma-separated."
+)
+@click.option("--ids-key", default="ids", show_default=True, help="Dataset of ids.")
+@click.option("--as", "as_array", default="cls", show_default=True, help="Array name for a features key.")
+@click.option(
+    "--missing",
+    type=click.Choice(["fail", "error"]),
+    default="fail",
+    show_default=True,
+    help="Manifest ids not in the file: failed rows, or an error.",
+)
+@click.option(
+    "--model", default="imported", show_default=True, help="Model name to record (non-featcache files)."
+)
+@_one_line_errors
+def import_cmd(
+    file, fmt, out, name, manifest_csv, root, features_key, ids_key, as_array, missing, model
+) -> None:
+    """Import features computed elsewhere (HDF5/npz: features + ids) as a feature set the probes accept.
+
+    Example: featcache import feats.h5 --format h5 --out cache/ --name nih/other/224 --manifest nih.csv
+    """
+    from featcache.interop import import_h5
+
+    result = import_h5(
+        file,
+        out,
+        name,
+        manifest=manifest_csv,
+        root=root,
+        features_key=features_key,
+        ids_key=ids_key,
+        as_array=as_array,
+        format=fmt,
+        missing=missing,
+        model=model,
+    )
+    click.echo(result.summary())
+
+
+# ---- dense and 3D commands (probes seg, featcache volumes, featcache pca) ----
+
+
 # ---- probes commands ----
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """``1..16`` (inclusive range), ``1,2,4,8`` or a mix such as ``1..4,8,16`` -> sorted distinct ints."""
+    out: set[int] = set()
+    for item in (v.strip() for v in str(value).split(",")):
+        lo, sep, hi = item.partition("..")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(item))
+        except ValueError:
+            raise FeatcacheError(
+                f"{option} {value!r}: use an inclusive range such as 1..16 or a list such as 1,2,4,8,16"
+            ) from None
+    return sorted(out)
+
+
+def _float_list(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in _csv_list(value)]
+    except ValueError:
+        raise FeatcacheError(
+            f"{option} {value!r}: use comma-separated numbers such as 1e-4,1e-2,1,100"
+        ) from None
+
+
+def _probe_data_options(fn):
+    """Options every probe shares: which store, set, features, labels and what to do with the rows."""
+    options = [
+        click.option("--cache", required=True, help="Feature store folder or fsspec URL."),
+        click.option("--set", "set_name", help="Feature set [default: the store's only set]."),
+        click.option(
+            "--features", default="cls", show_default=True, help="cls, pooled, cls+pooled, layer_cls:-1 ..."
+        ),
+        click.option("--labels", help="Comma-separated label columns or class names [default: all]."),
+        click.option(
+            "--uncertain",
+            default="ignore",
+            show_default=True,
+            type=click.Choice(["ignore", "zeros", "ones"]),
+            help="What uncertain (-1) labels become: missing, negative or positive.",
+        ),
+        click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _bootstrap_options(fn):
+    fn = click.option(
+        "--seed", default=0, show_default=True, type=int, help="Bootstrap (and carved-val) seed."
+    )(fn)
+    fn = click.option(
+        "--bootstrap",
+        "n_boot",
+        default=1000,
+        show_default=True,
+        type=int,
+        help="Patient bootstrap draws for CIs.",
+    )(fn)
+    return click.option(
+        "--val-fraction",
+        default=0.2,
+        show_default=True,
+        type=float,
+        help="Share of train patients carved into validation when the store has no val split.",
+    )(fn)
+
+
+def _fmt_ci(row: dict) -> str:
+    v = row.get("value")
+    if v is None:
+        return "n/a"
+    ci = f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" if row.get("ci_low") is not None else ""
+    return f"{v:.3f}{ci}"
+
+
+def _echo_written(rows: list[dict], out: str | None) -> None:
+    if out:
+        click.echo(f"{len(rows)} rows appended to {out}")
+    else:
+        click.echo(f"{len(rows)} rows (not saved: pass --out results.jsonl)")
+
+
+def _echo_header(rows: list[dict], what: str) -> None:
+    r = next((r for r in rows if r.get("label") == "mean"), rows[0])
+    click.echo(
+        f"{r.get('store_set')}  {what}  features={r.get('features')}  "
+        f"test: {r.get('n_test')} images, {r.get('n_patients_test')} patients"
+    )
+
+
+@probes.command()
+@_probe_data_options
+@click.option("--k", "k", default="10,20,100,200", show_default=True, help="Neighbour counts (one search).")
+@click.option(
+    "--temperature", default=0.07, show_default=True, type=float, help="Softmax temperature of the votes."
+)
+@_bootstrap_options
+@_one_line_errors
+def knn(
+    cache, set_name, features, labels, uncertain, out, k, temperature, n_boot, seed, val_fraction
+) -> None:
+    """Weighted kNN probe (cosine, temperature votes): AUROC per label and mean, with patient CIs.
+
+    Example: probes knn --cache cache/ --set nih/dinov3-vitb16/512 --k 10,20 --out results.jsonl
+    """
+    from probes.run import run_knn
+
+    rows = run_knn(
+        cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature,
+        labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
+        val_fraction=val_fraction, out=out,
+    )  # fmt: skip
+    _echo_header(rows, "knn")
+    click.echo(f"{'k':>5}  mean AUROC [95% CI]")
+    for r in rows:
+        if r["label"] == "mean" and r["metric"] == "auroc":
+            click.echo(f"{r['k']:>5}  {_fmt_ci(r)}")
+    _echo_written(rows, out)
+
+
+@probes.command()
+@_probe_data_options
+@click.option("--C", "C", type=float, help="Fixed inverse regularisation [default: chosen on val per label].")
+@click.option("--C-grid", "C_grid", help="Candidate C values, e.g. 1e-4,1e-2,1,100 [default: 1e-6..1e5].")
+@_bootstrap_options
+@_one_line_errors
+def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot, seed, val_fraction) -> None:
+    """Logistic-regression probe, C chosen on validation only: AUROC per label and mean, with CIs.
+
+    Example: probes logreg --cache cache/ --set nih/dinov3-vitb16/512 --out results.jsonl
+    """
+    from probes.logreg import DEFAULT_C_GRID
+    from probes.run import run_logreg
+
+    grid = _float_list(C_grid, "--C-grid") if C_grid else DEFAULT_C_GRID
+    rows = run_logreg(
+        cache, set_name, features=features, C=C, C_grid=grid, labels=_csv_list(labels) or None,
+        uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out,
+    )  # fmt: skip
+    _echo_header(rows, "logreg")
+    click.echo(f"{'label':24} {'C':>8}  AUROC [95% CI]")
+    for r in rows:
+        if r["metric"] == "auroc":
+            c = f"{r['C']:g}" if r.get("C") is not None else "-"
+            click.echo(f"{r['label']:24} {c:>8}  {_fmt_ci(r)}")
+    _echo_written(rows, out)
+
+
+@probes.command()
+@_probe_data_options
+@click.option("--shots", required=True, help="Shots K: an inclusive range 1..16 or a list 1,2,4,8,16.")
+@click.option(
+    "--seeds", default=10, show_default=True, type=int, help="Episodes per shots value (seeds 0..n-1)."
+)
+@click.option(
+    "--head", default="logreg", show_default=True, type=click.Choice(["logreg", "knn", "prototype"])
+)
+@click.option("--C", "C", default=1.0, show_default=True, type=float, help="logreg head regularisation.")
+@click.option("--k", "k", default=20, show_default=True, type=int, help="knn head neighbours.")
+@click.option(
+    "--episodes",
+    "episodes_out",
+    type=click.Path(dir_okay=False),
+    help="Save episodes here [default: <out>.episodes.json].",
+)
+@click.option("--episodes-from", type=click.Path(exists=True, dir_okay=False), help="Re-run saved episodes.")
+@_one_line_errors
+def fewshot(
+    cache, set_name, features, labels, uncertain, out, shots, seeds, head, C, k, episodes_out, episodes_from
+) -> None:
+    """Few-shot probe: K patients per side/class, many seeds, AUROC of every episode on the test split.
+
+    Example: probes fewshot --cache cache/ --set nih/dinov3-vitb16/512 --shots 1..16 --seeds 10 --out results.jsonl
+    """
+    from probes.run import episodes_path, run_fewshot
+
+    shot_list = _int_list(shots, "--shots")
+    if shot_list[0] < 1:
+        raise click.ClickException(f"--shots {shots}: shots must be 1 or more")
+    rows = run_fewshot(
+        cache, set_name, shots=shot_list, seeds=seeds, head=head, features=features,
+        labels=_csv_list(labels) or None, uncertain=uncertain, C=C, k=k, out=out,
+        episodes_out=episodes_out, episodes_from=episodes_from,
+    )  # fmt: skip
+    import numpy as np
+
+    _echo_header(rows, f"fewshot head={head}")
+    click.echo(f"{'shots':>5}  mean AUROC ± SD over seeds (seeds)")
+    for s in sorted({r["shots"] for r in rows}):
+        vals = [
+            r["value"]
+            for r in rows
+            if r["shots"] == s and r["label"] == "mean" and r["metric"] == "auroc" and r["value"] is not None
+        ]
+        sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        click.echo(f"{s:>5}  {np.mean(vals):.3f}{sd} ({len(vals)})" if vals else f"{s:>5}  n/a")
+    skipped = sorted({(r["label"], r["shots"]) for r in rows if r.get("params", {}).get("skipped")})
+    if skipped:
+        click.echo("not enough train patients for: " + ", ".join(f"{lab} at {s} shots" for lab, s in skipped))
+    saved = episodes_out or (episodes_path(out) if out else None)
+    if saved and not episodes_from:
+        click.echo(f"episodes saved to {saved}")
+    _echo_written(rows, out)
+
+
+@probes.command()
+@_probe_data_options
+@click.option("--sets", required=True, help="Two feature sets A,B of the same manifest (e.g. two backbones).")
+@click.option(
+    "--probe", "probe_name", default="logreg", show_default=True, type=click.Choice(["logreg", "knn"])
+)
+@click.option("--k", "k", default=20, show_default=True, type=int, help="kNN neighbours.")
+@click.option("--C", "C", type=float, help="Fixed logreg C [default: chosen on val].")
+@_bootstrap_options
+@_one_line_errors
+def compare(
+    cache, set_name, features, labels, uncertain, out, sets, probe_name, k, C, n_boot, seed, val_fraction
+) -> None:
+    """Paired comparison of two feature sets: AUROC difference with paired CI, DeLong p, Holm-corrected.
+
+    Example: probes compare --cache cache/ --sets nih/dinov3-vitb16/512,nih/rad-dino/518 --probe logreg
+    """
+    from probes.run import run_compare
+
+    names = _csv_list(sets)
+    if len(names) != 2:
+        raise click.ClickException(f"--sets {sets!r}: give exactly two set names separated by a comma")
+    if set_name:
+        raise click.ClickException("compare takes --sets A,B, not --set")
+    rows = run_compare(
+        cache, names, probe=probe_name, features=features, labels=_csv_list(labels) or None,
+        uncertain=uncertain, k=k, C=C, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out,
+    )  # fmt: skip
+    click.echo(f"{names[0]} minus {names[1]} ({probe_name}, features={features})")
+    click.echo(f"{'label':24} {'AUROC diff [95% CI]':28} {'p':>8} {'p (Holm)':>9}")
+    for r in rows:
+        p = f"{r['p']:.3g}" if r.get("p") is not None else "-"
+        ph = f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "-"
+        click.echo(f"{r['label']:24} {_fmt_ci(r):28} {p:>8} {ph:>9}")
+    click.echo("p: DeLong per label, paired bootstrap for the mean")
+    _echo_written(rows, out)
+
+
+@probes.command()
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--by", default="model,res", show_default=True, help="Fields naming a table line.")
+@click.option("--columns", default="dataset", show_default=True, help="Field whose values are the columns.")
+@click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "csv"]))
+@click.option(
+    "--metric", default="auroc", show_default=True, help="Metric shown, e.g. auroc, sensitivity@youden."
+)
+@click.option("--label", default="mean", show_default=True, help="Label shown (mean: mean over labels).")
+@click.option("--where", multiple=True, help="Filter FIELD=VALUE (repeatable), e.g. --where k=20.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Few-shot curves PNG.")
+@click.option("--plot-resolution", type=click.Path(dir_okay=False), help="AUROC against resolution PNG.")
+@_one_line_errors
+def report(results, by, columns, fmt, metric, label, where, plot, plot_resolution) -> None:
+    """Paper tables (and plots) from a results file: one table per probe and setting.
+
+    Example: probes report results.jsonl --by model,res --columns dataset --plot fewshot.png
+    """
+    from probes.run import run_report
+
+    text = run_report(
+        results, by=_csv_list(by), columns=columns, fmt=fmt, metric=metric, label=label,
+        where=list(where), plot=plot, plot_resolution=plot_resolution,
+    )  # fmt: skip
+    click.echo(text.rstrip("\n"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,7 @@ class DatasetManifest:
     Attributes:
         dataset: adapter name (``nih``, ``chexpert``, ...).
         root: folder the ``path`` (and ``mask``) column is relative to; pass it as ``--root``.
-        columns: manifest column name -> values [N] (strings, or float labels with NaN = blank).
+        columns: manifest column name -> values [N], as the CSV cells (label cells ``1``/``0``/``-1``/``""``).
         missing: entries of the official files whose image is not on disk (dropped from ``columns``).
         notes: facts the user should know (no patient ids, how a split was made, ...).
         out: the CSV written, once written.
@@ -252,12 +252,18 @@ def assemble(
     if classes is not None:
         columns["label"] = take(classes)
     for name, values in (labels or {}).items():
-        columns[name] = [float(v) for v in np.asarray(values, dtype=np.float32)[idx]]
+        columns[name] = label_text(np.asarray(values, dtype=np.float32)[idx])
     for name, values in (meta or {}).items():
         columns[name] = take(values)
     return DatasetManifest(
         dataset=dataset, root=root, columns=columns, missing=list(missing or []), notes=list(notes or [])
     )
+
+
+def label_text(values: np.ndarray) -> list[str]:
+    """Label cells as manifest text: float32 [N] 1 / 0 / -1 / NaN -> ``"1"`` / ``"0"`` / ``"-1"`` / ``""``."""
+    code = np.select([values == 1, values == 0, values == -1], [1, 2, 3], default=0)
+    return np.array(["", "1", "0", "-1"], dtype=object)[code].tolist()
 
 
 def locate(
