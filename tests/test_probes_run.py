@@ -1,0 +1,340 @@
+"""probes.run: the numbers in the result rows against independent computations.
+
+References: scikit-learn (roc_auc_score, roc_curve, LogisticRegression, StandardScaler,
+accuracy_score), a numpy brute-force cosine kNN, a numpy patient bootstrap and a hand Holm step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, roc_curve
+from sklearn.preprocessing import StandardScaler
+from test_probes_data import LABELS, build_store
+
+from featcache.errors import FeatcacheError
+from probes.data import load_probe_data
+from probes.results import read_jsonl
+from probes.run import run_compare, run_fewshot, run_knn, run_logreg, run_report
+
+
+def _pick(rows, **kv):
+    out = [r for r in rows if all(r.get(k) == v for k, v in kv.items())]
+    assert len(out) == 1, (kv, len(out))
+    return out[0]
+
+
+def _knn_reference(X_train, Y_train, X_query, k, T=0.07):
+    """Brute-force cosine kNN with exp(sim / T) weights; multi-label weighted mean, NaN ignored."""
+    a = X_train / np.linalg.norm(X_train, axis=1, keepdims=True)
+    q = X_query / np.linalg.norm(X_query, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ a.T.astype(np.float64)
+    top = np.argsort(-sims, axis=1)[:, :k]
+    w = np.exp(np.take_along_axis(sims, top, axis=1) / T)
+    if Y_train.ndim == 1:  # multi-class: class probabilities
+        C = int(Y_train.max()) + 1
+        onehot = np.eye(C)[Y_train[top]]
+        return (w[..., None] * onehot).sum(1) / w.sum(1, keepdims=True)
+    Yn = Y_train[top]  # [n, k, L]
+    known = ~np.isnan(Yn)
+    return (w[..., None] * np.where(known, Yn, 0)).sum(1) / (w[..., None] * known).sum(1)
+
+
+def _patient_bootstrap_auroc(y, s, patients, n_boot, seed):
+    """Percentile interval of roc_auc_score over patient resamples (the documented draw protocol)."""
+    uniq = np.unique(patients)
+    draws = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
+    values = []
+    for d in draws:
+        idx = np.concatenate([np.flatnonzero(patients == uniq[p]) for p in d])
+        if len(np.unique(y[idx])) == 2:
+            values.append(roc_auc_score(y[idx], s[idx]))
+    return np.percentile(values, [2.5, 97.5])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    return build_store(root, n_patients=50, signal=1.0, dim=6, uncertain_rows=(1,))
+
+
+def test_knn_auroc_matches_brute_force_and_sklearn(store, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = run_knn(store["cache"], k=(5, 10), n_boot=50, out=out)
+    d = load_probe_data(store["cache"])
+    for k in (5, 10):
+        S = _knn_reference(d.train.X, d.train.y, d.test.X, k)
+        per_label = []
+        for j, name in enumerate(LABELS):
+            known = ~np.isnan(d.test.y[:, j])
+            want = roc_auc_score(d.test.y[known, j], S[known, j])
+            per_label.append(want)
+            assert _pick(rows, k=k, label=name, metric="auroc")["value"] == pytest.approx(want, abs=1e-12)
+        assert _pick(rows, k=k, label="mean", metric="auroc")["value"] == pytest.approx(np.mean(per_label))
+    # every row was appended, as JSON
+    assert read_jsonl(out) == json.loads(json.dumps(rows))
+    assert {r["probe"] for r in rows} == {"knn"}
+    assert all(
+        r["store_set"] == store["name"] and r["model"] == "random:tiny" and r["res"] == 32 for r in rows
+    )
+
+
+def test_auroc_ci_is_a_patient_bootstrap_that_brackets_the_value(store):
+    rows = run_knn(store["cache"], k=(10,), n_boot=200, seed=7)
+    d = load_probe_data(store["cache"])
+    S = _knn_reference(d.train.X, d.train.y, d.test.X, 10)
+    y, s, pids = d.test.y[:, 1], S[:, 1], d.test.patients
+    lo, hi = _patient_bootstrap_auroc(y, s, pids, 200, 7)
+    r = _pick(rows, label=LABELS[1], metric="auroc")
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((lo, hi), abs=1e-12)
+    assert r["n_boot"] == 200 and r["n_patients_test"] == len(np.unique(pids))
+    for r in rows:
+        if r["metric"] == "auroc" and r["value"] is not None:
+            assert r["ci_low"] <= r["value"] <= r["ci_high"]
+
+
+def test_youden_threshold_is_chosen_on_val_and_applied_to_test(store):
+    rows = run_knn(store["cache"], k=(10,), n_boot=20)
+    d = load_probe_data(store["cache"])
+    j = 0
+    Sv = _knn_reference(d.train.X, d.train.y, d.val.X, 10)[:, j]
+    St = _knn_reference(d.train.X, d.train.y, d.test.X, 10)[:, j]
+    yv, yt = d.val.y[:, j], d.test.y[:, j]
+    kv, kt = ~np.isnan(yv), ~np.isnan(yt)
+    fpr, tpr, thr = roc_curve(yv[kv], Sv[kv])
+    t = thr[np.flatnonzero((tpr - fpr) == (tpr - fpr).max())[0]]  # the highest threshold among the best
+    pred = St[kt] >= t
+    y = yt[kt] == 1
+    sens, spec = pred[y].mean(), (~pred[~y]).mean()
+    name = LABELS[j]
+    assert _pick(rows, label=name, metric="sensitivity@youden")["value"] == pytest.approx(sens)
+    assert _pick(rows, label=name, metric="specificity@youden")["value"] == pytest.approx(spec)
+    assert _pick(rows, label=name, metric="sensitivity@youden")["params"]["threshold"] == pytest.approx(t)
+    pred5 = St[kt] >= 0.5
+    f1 = 2 * (pred5 & y).sum() / (2 * (pred5 & y).sum() + (pred5 & ~y).sum() + (~pred5 & y).sum())
+    assert _pick(rows, label=name, metric="f1@0.5")["value"] == pytest.approx(f1)
+
+
+def test_logreg_fixed_C_matches_sklearn(store):
+    rows = run_logreg(store["cache"], C=0.5, n_boot=20)
+    d = load_probe_data(store["cache"])
+    scaler = StandardScaler().fit(d.train.X)
+    for j, name in enumerate(LABELS):
+        tr, te = ~np.isnan(d.train.y[:, j]), ~np.isnan(d.test.y[:, j])
+        clf = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000)
+        clf.fit(scaler.transform(d.train.X[tr]), d.train.y[tr, j])
+        want = roc_auc_score(d.test.y[te, j], clf.decision_function(scaler.transform(d.test.X[te])))
+        r = _pick(rows, label=name, metric="auroc")
+        assert r["value"] == pytest.approx(want, abs=1e-9)
+        assert r["C"] == 0.5 and r["params"]["C_from"] == "given"
+
+
+def test_logreg_C_is_selected_on_val_only(store):
+    grid = (1e-3, 1e-1, 10.0)
+    rows = run_logreg(store["cache"], C_grid=grid, n_boot=20)
+    d = load_probe_data(store["cache"])
+    scaler = StandardScaler().fit(d.train.X)
+    for j, name in enumerate(LABELS):
+        tr, va = ~np.isnan(d.train.y[:, j]), ~np.isnan(d.val.y[:, j])
+        val_auc = []
+        for c in grid:
+            clf = LogisticRegression(C=c, tol=1e-10, max_iter=10000)
+            clf.fit(scaler.transform(d.train.X[tr]), d.train.y[tr, j])
+            val_auc.append(
+                roc_auc_score(d.val.y[va, j], clf.decision_function(scaler.transform(d.val.X[va])))
+            )
+        best = grid[int(np.argmax(np.round(val_auc, 12)))]  # first maximum: ties go to the smaller C
+        r = _pick(rows, label=name, metric="auroc")
+        assert r["C"] == best and r["params"]["C_from"] == "val"
+    assert _pick(rows, label="mean", metric="auroc")["params"]["C_grid"] == list(grid)
+
+
+def test_logreg_labels_that_cannot_be_fitted_or_tuned(tmp_path):
+    s = build_store(tmp_path, n_patients=30)
+    # make 'nodule' one-class in val (C cannot be selected there) by rewriting the stored labels
+    from featcache.store import FeatureStore
+
+    fs = FeatureStore(s["cache"], mode="a").open_set()
+    labels = fs.labels
+    labels[fs.splits == "val", 1] = 0
+    fs.group["labels"][:] = labels
+    rows = run_logreg(s["cache"], C_grid=(0.01, 1.0), n_boot=20)
+    nodule = _pick(rows, label="nodule", metric="auroc")
+    effusion = _pick(rows, label="effusion", metric="auroc")
+    assert nodule["params"]["C_from"] == "shared" and nodule["value"] is not None
+    assert effusion["params"]["C_from"] == "val"
+
+    labels[fs.splits == "train", 1] = 1  # one class in train: no fit possible, said so
+    fs.group["labels"][:] = labels
+    rows = run_logreg(s["cache"], C_grid=(0.01, 1.0), n_boot=20)
+    nodule = _pick(rows, label="nodule", metric="auroc")
+    assert nodule["value"] is None and "positives" in nodule["params"]["skipped"]
+    assert _pick(rows, label="mean", metric="auroc")["params"]["labels_in_mean"] == ["effusion"]
+
+
+def test_multiclass_knn_and_logreg(tmp_path):
+    s = build_store(tmp_path, task="multiclass", n_patients=45, signal=1.5)
+    rows = run_knn(s["cache"], k=(7,), n_boot=30)
+    d = load_probe_data(s["cache"])
+    P = _knn_reference(d.train.X, d.train.y, d.test.X, 7)
+    assert _pick(rows, label="mean", metric="auroc")["value"] == pytest.approx(
+        roc_auc_score(d.test.y, P, multi_class="ovr", average="macro")
+    )
+    for c, name in enumerate(d.label_names):
+        assert _pick(rows, label=name, metric="auroc")["value"] == pytest.approx(
+            roc_auc_score(d.test.y == c, P[:, c])
+        )
+    acc = _pick(rows, label="mean", metric="accuracy")
+    assert acc["value"] == pytest.approx(accuracy_score(d.test.y, P.argmax(1)))
+    assert acc["ci_low"] <= acc["value"] <= acc["ci_high"]
+    bal = _pick(rows, label="mean", metric="balanced_accuracy")
+    assert bal["value"] == pytest.approx(balanced_accuracy_score(d.test.y, P.argmax(1)))
+
+    rows = run_logreg(s["cache"], C=1.0, n_boot=20)
+    scaler = StandardScaler().fit(d.train.X)
+    clf = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(scaler.transform(d.train.X), d.train.y)
+    proba = clf.predict_proba(scaler.transform(d.test.X))
+    assert _pick(rows, label="mean", metric="auroc")["value"] == pytest.approx(
+        roc_auc_score(d.test.y, proba, multi_class="ovr"), abs=1e-6
+    )
+    assert _pick(rows, label="mean", metric="accuracy")["value"] == pytest.approx(
+        accuracy_score(d.test.y, proba.argmax(1))
+    )
+
+
+def _cl2n(X, center):
+    Z = X - center
+    return Z / np.linalg.norm(Z, axis=1, keepdims=True)
+
+
+def test_fewshot_rows_episodes_file_and_rerun(store, tmp_path):
+    out = tmp_path / "few.jsonl"
+    rows = run_fewshot(store["cache"], shots=[1, 3], seeds=2, head="prototype", out=out)
+    saved = tmp_path / "few.jsonl.episodes.json"
+    doc = json.loads(saved.read_text())
+    assert len(doc["episodes"]) == 2 * 2 * len(LABELS)
+    d = load_probe_data(store["cache"], val_fraction=0)
+    pool_ids = np.concatenate([d.train.ids, d.val.ids])
+    pool_X = np.concatenate([d.train.X, d.val.X])
+    pool_Y = np.concatenate([d.train.y, d.val.y])
+    pool_P = np.concatenate([d.train.patients, d.val.patients])
+    where = {rid: i for i, rid in enumerate(pool_ids)}
+    center = pool_X.mean(0)
+    for e in doc["episodes"]:
+        idx = np.array([where[i] for i in e["support_ids"]])
+        j = LABELS.index(e["label"])
+        k = e["shots"]
+        # K positives and K negatives, each from a different train/val patient, none a test patient
+        np.testing.assert_array_equal(pool_Y[idx, j], e["targets"])
+        assert sorted(e["targets"]) == [0] * k + [1] * k
+        assert len(set(pool_P[idx])) == 2 * k and not set(pool_P[idx]) & set(d.test.patients)
+        # SimpleShot on centred, L2-normalised features, scored on the whole test split
+        Z = _cl2n(pool_X[idx], center)
+        t = np.array(e["targets"])
+        mu = [v / np.linalg.norm(v) for v in (Z[t == 0].mean(0), Z[t == 1].mean(0))]
+        Q = _cl2n(d.test.X, center)
+        score = Q @ mu[1] - Q @ mu[0]
+        known = ~np.isnan(d.test.y[:, j])
+        want = roc_auc_score(d.test.y[known, j], score[known])
+        r = _pick(rows, shots=k, seed=e["seed"], label=e["label"], metric="auroc")
+        assert r["value"] == pytest.approx(want, abs=1e-6)
+    for k in (1, 3):
+        for seed in (0, 1):
+            labels = [_pick(rows, shots=k, seed=seed, label=n, metric="auroc")["value"] for n in LABELS]
+            mean = _pick(rows, shots=k, seed=seed, label="mean", metric="auroc")
+            assert mean["value"] == pytest.approx(np.mean(labels))
+            assert mean["head"] == "prototype" and mean["n_train"] == 2 * k
+    assert read_jsonl(out) == json.loads(json.dumps(rows))
+
+    # the same call draws the same episodes; re-running the saved ones gives the same values
+    again = tmp_path / "again.jsonl"
+    rows2 = run_fewshot(store["cache"], shots=[1, 3], seeds=2, head="prototype", out=again)
+    assert json.loads((tmp_path / "again.jsonl.episodes.json").read_text())["episodes"] == doc["episodes"]
+    rerun = run_fewshot(store["cache"], head="prototype", episodes_from=saved)
+    for a, b, c in zip(rows, rows2, rerun):
+        assert a["value"] == b["value"] == c["value"] and a["label"] == c["label"]
+
+
+def test_fewshot_reports_labels_without_enough_patients(store):
+    d = load_probe_data(store["cache"], val_fraction=0)
+    pool_Y = np.concatenate([d.train.y, d.val.y])[:, 0]
+    pool_P = np.concatenate([d.train.patients, d.val.patients])
+    n_pos = len(set(pool_P[pool_Y == 1]))
+    n_neg = len(set(pool_P[pool_Y == 0]) - set(pool_P[pool_Y == 1]))
+    too_many = min(n_pos, n_neg) + 1
+    rows = run_fewshot(store["cache"], shots=[1, too_many], seeds=1, head="prototype")
+    r = _pick(rows, shots=too_many, seed=0, label=LABELS[0], metric="auroc")
+    assert r["value"] is None and f"{too_many} shots need {too_many}" in r["params"]["skipped"]
+    assert _pick(rows, shots=1, seed=0, label=LABELS[0], metric="auroc")["value"] is not None
+
+
+def test_compare_with_itself_gives_zero_and_p_one(store):
+    rows = run_compare(store["cache"], [store["name"], store["name"]], probe="knn", k=10, n_boot=50)
+    for r in rows:
+        assert r["metric"] == "auroc_diff" and r["value"] == 0.0
+        assert r["ci_low"] == 0.0 and r["ci_high"] == 0.0
+        assert r["p"] == 1.0
+    assert all(_pick(rows, label=n)["p_holm"] == 1.0 for n in LABELS)
+
+
+def test_compare_two_backbones(tmp_path):
+    s = build_store(tmp_path, n_patients=50, signal=1.0)
+    build_store(tmp_path, name="toy/weak/32", model="random:weak", n_patients=50, signal=0.3)
+    a_rows = run_logreg(s["cache"], s["name"], C=1.0, n_boot=20)
+    b_rows = run_logreg(s["cache"], "toy/weak/32", C=1.0, n_boot=20)
+    rows = run_compare(s["cache"], [s["name"], "toy/weak/32"], probe="logreg", C=1.0, n_boot=100)
+    p = []
+    for name in LABELS:
+        r = _pick(rows, label=name)
+        a = _pick(a_rows, label=name, metric="auroc")["value"]
+        b = _pick(b_rows, label=name, metric="auroc")["value"]
+        assert r["value"] == pytest.approx(a - b)
+        assert r["ci_low"] <= r["value"] <= r["ci_high"]
+        assert r["vs"] == "toy/weak/32" and r["store_set"] == s["name"]
+        p.append(r["p"])
+    # Holm with two labels, by hand: smallest p doubled, the other kept, then made monotone
+    small, large = sorted(p)
+    adj_small = min(1.0, 2 * small)
+    want = {small: adj_small, large: max(adj_small, min(1.0, large))}
+    for name in LABELS:
+        r = _pick(rows, label=name)
+        assert r["p_holm"] == pytest.approx(want[r["p"]])
+    mean = _pick(rows, label="mean")
+    assert mean["value"] == pytest.approx(
+        _pick(a_rows, label="mean", metric="auroc")["value"]
+        - _pick(b_rows, label="mean", metric="auroc")["value"]
+    )
+
+
+def test_compare_refuses_different_test_patients(tmp_path):
+    s = build_store(tmp_path)
+    build_store(tmp_path, name="toy/shifted/32", seed=5, manifest_name="shifted.csv")
+    with pytest.raises(FeatcacheError, match="different manifests"):
+        run_compare(s["cache"], [s["name"], "toy/shifted/32"], n_boot=10)
+    test_row = int(np.flatnonzero(s["splits"] == "test")[0])
+    build_store(tmp_path, name="toy/failed/32", failed=(test_row,))
+    with pytest.raises(FeatcacheError, match="differ in test rows"):
+        run_compare(s["cache"], [s["name"], "toy/failed/32"], probe="knn", n_boot=10)
+
+
+def test_report_has_one_line_per_model_and_splits_settings(tmp_path):
+    s = build_store(tmp_path)
+    build_store(tmp_path, name="toy/other/32", model="random:other")
+    out = tmp_path / "r.jsonl"
+    for name in (s["name"], "toy/other/32"):
+        run_knn(s["cache"], name, k=(5, 10), n_boot=20, out=out)
+        run_logreg(s["cache"], name, C=1.0, n_boot=20, out=out)
+    text = run_report(out)
+    assert "## knn features=cls k=5" in text and "## knn features=cls k=10" in text
+    logreg = text.split("## logreg")[1]
+    lines = [ln for ln in logreg.splitlines() if ln.startswith("| random:")]
+    assert sorted(ln.split("|")[1].strip() for ln in lines) == ["random:other", "random:tiny"]
+    want = _pick(read_jsonl(out), store_set="toy/other/32", probe="logreg", label="mean", metric="auroc")
+    assert f"{want['value']:.3f}" in [ln for ln in lines if "random:other" in ln][0]
+    only_k5 = run_report(out, where=["k=5"], fmt="csv")
+    assert "k=10" not in only_k5 and "logreg" in only_k5
+    with pytest.raises(FeatcacheError, match="no rows with metric='dice'"):
+        run_report(out, metric="dice")
