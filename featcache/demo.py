@@ -30,7 +30,9 @@ def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.n
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 
-def synth_chest(rng: np.random.Generator, size: int, findings: dict[str, bool]) -> tuple[np.ndarray, np.ndarray]:
+def synth_chest(
+    rng: np.random.Generator, size: int, findings: dict[str, bool]
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic chest film.
 
     Args:
@@ -71,7 +73,12 @@ def synth_chest(rng: np.random.Generator, size: int, findings: dict[str, bool]) 
 
 
 def make_demo_dataset(
-    out: str | Path, n_patients: int = 48, images_per_patient: int = 2, size: int = 128, seed: int = 0, bits: int = 8
+    out: str | Path,
+    n_patients: int = 48,
+    images_per_patient: int = 2,
+    size: int = 128,
+    seed: int = 0,
+    bits: int = 8,
 ) -> Path:
     """Write a synthetic dataset (PNGs, lung masks, manifest.csv) and return the manifest path.
 
@@ -91,7 +98,9 @@ def make_demo_dataset(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     prevalence = {"cardiomegaly": 0.4, "effusion": 0.35, "nodule": 0.3}
-    cols: dict[str, list] = {k: [] for k in ("path", "id", "patient_id", "split", "mask", *FINDINGS, "meta_sex")}
+    cols: dict[str, list] = {
+        k: [] for k in ("path", "id", "patient_id", "split", "mask", *FINDINGS, "meta_sex")
+    }
     order = rng.permutation(n_patients)
     n_train, n_val = int(0.6 * n_patients), int(0.2 * n_patients)
     for p in range(n_patients):
@@ -116,3 +125,53 @@ def make_demo_dataset(
                 cols[f].append(1.0 if findings[f] else 0.0)
             cols["meta_sex"].append(sex)
     return write_manifest(out / "manifest.csv", cols)
+
+
+def run_demo(out: str | Path, model: str = "random:dinov3-vits16", res: int = 112, n_patients: int = 48):
+    """Generate the synthetic dataset, extract it, run kNN, logistic regression and few-shot, report.
+
+    Args:
+        out: folder for ``data/``, ``cache/``, ``results.jsonl``, ``report.md`` and ``fewshot.png``.
+        model: backbone; the default is a random-init DINOv3 ViT-S/16 (no download).
+        res: input resolution.
+        n_patients: patients to generate (two images each).
+
+    Yields:
+        Lines of text describing each step and where its output went.
+    """
+    from featcache.extract import ExtractConfig, extract
+
+    out = Path(out)
+    manifest = make_demo_dataset(out / "data", n_patients=n_patients)
+    yield f"data:     {manifest} ({2 * n_patients} synthetic chest films, findings {', '.join(FINDINGS)}, lung masks)"
+    cfg = ExtractConfig(
+        model=model, data=str(manifest), out=str(out / "cache"), res=res, name=f"demo/{model.replace(':', '-')}/{res}",
+        tokens=("cls", "pooled", "patch"), workers=0,
+    )  # fmt: skip
+    r = extract(cfg, progress=False)
+    yield f"extract:  {r.set_name}: {r.n - r.failed - r.pending}/{r.n} rows in {r.seconds:.1f} s -> {out / 'cache'}"
+
+    from probes.results import read_jsonl
+    from probes.run import run_fewshot, run_knn, run_logreg, run_report
+
+    results = out / "results.jsonl"
+    for stale in out.glob("results.jsonl*"):
+        stale.unlink()
+    cache = str(out / "cache")
+    run_knn(cache, r.set_name, out=results, n_boot=200)
+    run_logreg(cache, r.set_name, out=results, n_boot=200)
+    run_fewshot(cache, r.set_name, shots=[1, 2, 4, 8], seeds=5, out=results)
+    yield f"probes:   kNN, logistic regression, few-shot 1..8 shots x 5 seeds -> {results} ({len(read_jsonl(results))} rows)"
+    try:
+        md = run_report(results, by=("model", "res"), columns="dataset", plot=out / "fewshot.png")
+        plot_line = f"plot:     {out / 'fewshot.png'}"
+    except ImportError as e:  # matplotlib is an optional extra
+        md = run_report(results, by=("model", "res"), columns="dataset")
+        plot_line = f"plot:     skipped ({e})"
+    (out / "report.md").write_text(md)
+    yield f"report:   {out / 'report.md'}"
+    yield plot_line
+    yield ""
+    yield md.rstrip()
+    yield ""
+    yield f"next: featcache info {cache} ; probes report {results} --help ; featcache extract --help"
