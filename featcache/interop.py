@@ -74,7 +74,7 @@ def _strings(values: Any) -> np.ndarray:
     a = np.asarray(values)
     if a.dtype.kind == "S":
         return np.char.decode(a, "utf-8")
-    if a.dtype.kind == "O":
+    if a.dtype.kind in "OT":  # object, or numpy's variable-width StringDType (zarr's strings)
         return np.array(
             [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a.tolist()], dtype=np.str_
         )
