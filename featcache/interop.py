@@ -118,9 +118,8 @@ def _write_h5(fs: FeatureSet, out: Path, arrays: list[str], source: str) -> None
         for name in arrays:
             shape = fs.shape(name)
             chunk_rows = max(1, min(shape[0], _BLOCK_ROWS, (1 << 22) // max(1, int(np.prod(shape[1:])))))
-            d = f.create_dataset(
-                name, shape=shape, dtype=fs._array(name).dtype, chunks=(chunk_rows, *shape[1:])
-            )
+            dtype = fs.attrs["arrays"][name]["dtype"]
+            d = f.create_dataset(name, shape=shape, dtype=dtype, chunks=(chunk_rows, *shape[1:]))
             for rows, block in fs.iter_blocks(name):
                 d[rows[0] : rows[-1] + 1] = block
         f.attrs["featcache_export"] = 1
