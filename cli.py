@@ -367,7 +367,9 @@ def _build(dataset: str, root: str, out: str, no_check_files: bool, **options) -
 @click.option("--no-official-split", is_flag=True, help="Ignore train_val_list.txt / test_list.txt.")
 @_one_line_errors
 def manifest_nih(root, out, no_check_files, val, seed, no_official_split) -> None:
-    """NIH ChestX-ray14: Data_Entry_2017(_v2020).csv, official split lists, images*/ folders.
+    """NIH ChestX-ray14 (entry file, official split lists).
+
+    Reads Data_Entry_2017(_v2020).csv, train_val_list.txt / test_list.txt and the images*/ folders.
 
     Example: featcache manifest nih --root /data/nih --out nih.csv
     """
@@ -390,7 +392,9 @@ def manifest_nih(root, out, no_check_files, val, seed, no_official_split) -> Non
 @click.option("--seed", default=0, show_default=True, type=int)
 @_one_line_errors
 def manifest_chexpert(root, out, no_check_files, views, valid_as, val, seed) -> None:
-    """CheXpert: train.csv / valid.csv; uncertain labels kept as -1, unmentioned ones blank.
+    """CheXpert (train.csv and valid.csv).
+
+    Uncertain labels are kept as -1, unmentioned ones blank; valid.csv is the test split by default.
 
     Example: featcache manifest chexpert --root /data/chexpert --out chexpert.csv --views frontal
     """
@@ -403,7 +407,9 @@ def manifest_chexpert(root, out, no_check_files, views, valid_as, val, seed) -> 
 @click.option("--labeler", type=click.Choice(["chexpert", "negbio"]), default="chexpert", show_default=True)
 @_one_line_errors
 def manifest_mimic(root, out, no_check_files, views, labeler) -> None:
-    """MIMIC-CXR-JPG: mimic-cxr-2.0.0-{metadata,chexpert,split}.csv and files/p*/.
+    """MIMIC-CXR-JPG (metadata, labels, official split).
+
+    Reads mimic-cxr-2.0.0-{metadata,chexpert,split}.csv and the files/p*/ images.
 
     Example: featcache manifest mimic-cxr-jpg --root /data/mimic-cxr-jpg/2.0.0 --out mimic.csv
     """
@@ -421,7 +427,9 @@ def manifest_mimic(root, out, no_check_files, views, labeler) -> None:
 )
 @_one_line_errors
 def manifest_vindr(root, out, no_check_files, aggregate) -> None:
-    """VinDr-CXR: annotations/image_labels_{train,test}.csv and train/ test/ images.
+    """VinDr-CXR (image labels of train and test).
+
+    Reads annotations/image_labels_{train,test}.csv and the train/ and test/ images.
 
     Example: featcache manifest vindr-cxr --root /data/vindr-cxr/1.0.0 --out vindr.csv
     """
@@ -432,7 +440,9 @@ def manifest_vindr(root, out, no_check_files, aggregate) -> None:
 @_adapter_options
 @_one_line_errors
 def manifest_rsna(root, out, no_check_files) -> None:
-    """RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv (one row per box) and its images.
+    """RSNA Pneumonia challenge (stage 2 train labels).
+
+    Reads stage_2_train_labels.csv (one row per box) and the stage_2_train_images/ files.
 
     Example: featcache manifest rsna-pneumonia --root /data/rsna --out rsna.csv
     """
@@ -444,7 +454,9 @@ def manifest_rsna(root, out, no_check_files) -> None:
 @click.option("--views", type=click.Choice(["frontal", "all"]), default="frontal", show_default=True)
 @_one_line_errors
 def manifest_padchest(root, out, no_check_files, views) -> None:
-    """PadChest: the PADCHEST_chest_x_ray_images_labels CSV (Labels as a list literal) and its images.
+    """PadChest (the PADCHEST labels CSV).
+
+    Reads PADCHEST_chest_x_ray_images_labels_*.csv (Labels as a list literal) and its images.
 
     Example: featcache manifest padchest --root /data/padchest --out padchest.csv
     """
@@ -457,7 +469,9 @@ def manifest_padchest(root, out, no_check_files, views) -> None:
 @click.option("--no-official-split", is_flag=True, help="Leave the split blank instead of using the folders.")
 @_one_line_errors
 def manifest_pediatric(root, out, no_check_files, classes, no_official_split) -> None:
-    """Kermany pediatric pneumonia: chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg.
+    """Kermany pediatric pneumonia (chest_xray folders).
+
+    Lists chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg; patient ids from file names.
 
     Example: featcache manifest pediatric-pneumonia --root /data/chest_xray --out kermany.csv
     """
@@ -475,7 +489,9 @@ def manifest_pediatric(root, out, no_check_files, classes, no_official_split) ->
 @_adapter_options
 @_one_line_errors
 def manifest_folder(root, out, no_check_files) -> None:
-    """One class per folder: ROOT/<class>/*.png (or ROOT/<split>/<class>/*.png).
+    """One folder per class (ROOT/<class>/*.png).
+
+    ROOT/<split>/<class>/*.png also works: the split folders become the splits.
 
     Example: featcache manifest folder --root /data/tb --out tb.csv
     """
@@ -487,7 +503,9 @@ def manifest_folder(root, out, no_check_files) -> None:
 @click.option("--class-names", help="Comma-separated names of the class indices (default: MedMNIST's own).")
 @_one_line_errors
 def manifest_medmnist(root, out, no_check_files, class_names) -> None:
-    """MedMNIST .npz (--root is the file): writes PNGs beside the manifest and lists them.
+    """MedMNIST .npz: writes PNGs and a manifest.
+
+    --root is the .npz file; the PNGs go to a folder named after the manifest, beside it.
 
     Example: featcache manifest medmnist --root pneumoniamnist.npz --out pmnist/pneumoniamnist.csv
     """
