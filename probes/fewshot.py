@@ -180,6 +180,8 @@ def sample_episodes(
     episodes = []
     if task == "multilabel":
         cols = list(range(Y.shape[1])) if labels is None else [int(j) for j in labels]
+        if any(not 0 <= j < Y.shape[1] for j in cols):
+            raise FeatcacheError(f"labels {list(labels)} must be column indices in 0..{Y.shape[1] - 1}")
         pools = {}
         for j in cols:
             pos = np.bincount(pidx, weights=Y[:, j] == 1, minlength=n_pat) > 0
@@ -367,14 +369,16 @@ def _score_linear(X_test, center, W, B, binary):
     E, D, width = W.shape
     n_test = X_test.shape[0]
     out = np.empty((E, n_test) if binary else (E, n_test, width))
-    flat = np.ascontiguousarray(W.transpose(1, 0, 2).reshape(D, E * width))
+    # Episodes as rows, test rows as columns: the product lands in ``out``'s layout, no transposes.
+    rows = np.ascontiguousarray(W.transpose(0, 2, 1).reshape(E * width, D))
     for start in range(0, n_test, _TEST_BLOCK):
         block = slice(start, start + _TEST_BLOCK)
-        Z = (l2_normalize(X_test[block], center) @ flat).reshape(-1, E, width) + B
+        Z = (rows @ l2_normalize(X_test[block], center).T).astype(np.float64)
         if binary:
-            out[:, block] = expit(Z[..., 0].T.astype(np.float64))
+            Z += B
+            expit(Z, out=out[:, block])
         else:
-            out[:, block] = multinomial_proba(Z.transpose(1, 0, 2))
+            out[:, block] = multinomial_proba(Z.reshape(E, width, -1).transpose(0, 2, 1) + B[:, None, :])
     return out
 
 

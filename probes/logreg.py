@@ -134,7 +134,7 @@ class LogRegProbe(BaseEstimator):
         Args:
             X: float [N, D] train features.
             Y: float32 [N, L] multi-label targets (1/0/NaN) or int64 [N] classes (-1 missing).
-            X_val: float [M, D] validation features (needed when ``C`` is None).
+            X_val: float [M, D] validation features (needed when ``C`` is None, unused otherwise).
             Y_val: validation targets, as ``Y``.
 
         Returns:
