@@ -791,10 +791,8 @@ def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot,
 
 @probes.command()
 @_probe_data_options
-@click.option("--shots", required=True, help="Shots K: an inclusive range 1..16 or a list 1,2,4,8,16.")
-@click.option(
-    "--seeds", default=10, show_default=True, type=int, help="Episodes per shots value (seeds 0..n-1)."
-)
+@click.option("--shots", help="Shots K: an inclusive range 1..16 or a list 1,2,4,8,16.")
+@click.option("--seeds", type=int, help="Episodes per shots value, seeds 0..n-1 [default: 10].")
 @click.option(
     "--head", default="logreg", show_default=True, type=click.Choice(["logreg", "knn", "prototype"])
 )
@@ -806,7 +804,11 @@ def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot,
     type=click.Path(dir_okay=False),
     help="Save episodes here [default: <out>.episodes.json].",
 )
-@click.option("--episodes-from", type=click.Path(exists=True, dir_okay=False), help="Re-run saved episodes.")
+@click.option(
+    "--episodes-from",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Re-run saved episodes (also on another backbone's set of the same manifest).",
+)
 @_one_line_errors
 def fewshot(
     cache, set_name, features, labels, uncertain, out, shots, seeds, head, C, k, episodes_out, episodes_from
@@ -815,18 +817,22 @@ def fewshot(
 
     Example: probes fewshot --cache cache/ --set nih/dinov3-vitb16/512 --shots 1..16 --seeds 10 --out results.jsonl
     """
+    import numpy as np
+
     from probes.run import episodes_path, run_fewshot
 
-    shot_list = _int_list(shots, "--shots")
-    if shot_list[0] < 1:
+    if shots is None and episodes_from is None:
+        raise click.ClickException(
+            "--shots is required (e.g. --shots 1..16), unless --episodes-from is given"
+        )
+    shot_list = _int_list(shots, "--shots") if shots is not None else None
+    if shot_list is not None and shot_list[0] < 1:
         raise click.ClickException(f"--shots {shots}: shots must be 1 or more")
     rows = run_fewshot(
         cache, set_name, shots=shot_list, seeds=seeds, head=head, features=features,
         labels=_csv_list(labels) or None, uncertain=uncertain, C=C, k=k, out=out,
         episodes_out=episodes_out, episodes_from=episodes_from,
     )  # fmt: skip
-    import numpy as np
-
     _echo_header(rows, f"fewshot head={head}")
     click.echo(f"{'shots':>5}  mean AUROC ± SD over seeds (seeds)")
     for s in sorted({r["shots"] for r in rows}):
@@ -837,11 +843,13 @@ def fewshot(
         ]
         sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
         click.echo(f"{s:>5}  {np.mean(vals):.3f}{sd} ({len(vals)})" if vals else f"{s:>5}  n/a")
-    skipped = sorted({(r["label"], r["shots"]) for r in rows if r.get("params", {}).get("skipped")})
-    if skipped:
-        click.echo("not enough train patients for: " + ", ".join(f"{lab} at {s} shots" for lab, s in skipped))
-    saved = episodes_out or (episodes_path(out) if out else None)
-    if saved and not episodes_from:
+    skipped = {
+        (r["label"], r["shots"]): r["params"]["skipped"] for r in rows if r.get("params", {}).get("skipped")
+    }
+    for (lab, s), why in sorted(skipped.items()):
+        click.echo(f"no result for {lab} at {s} shots: {why}")
+    saved = episodes_out or (episodes_path(out) if out and not episodes_from else None)
+    if saved:
         click.echo(f"episodes saved to {saved}")
     _echo_written(rows, out)
 

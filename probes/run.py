@@ -49,6 +49,11 @@ from .logreg import DEFAULT_C_GRID, LogRegProbe
 from .results import RESULT_FIELDS, append_jsonl, make_rows
 from .stats import bootstrap_ci, delong, holm, paired_bootstrap
 
+try:  # serialises writers of a shared episodes file (POSIX)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 _THRESHOLD_METRICS = ("sensitivity", "specificity", "f1")
 
@@ -424,14 +429,20 @@ def _eligible_patients(data: ProbeData) -> np.ndarray:
     return np.array(out)
 
 
-def _episodes_doc(data: ProbeData, episodes: list[Episode], head: str) -> dict:
+_EPISODES_FORMAT = "featcache-episodes/1"
+
+
+def _episode_key(e: dict) -> tuple:
+    return (e["label"], int(e["shots"]), int(e["seed"]))
+
+
+def _episodes_run(data: ProbeData, episodes: list[Episode]) -> dict:
+    """The JSON record of a set's episodes: support row ids, so they survive any re-extraction."""
     ids = data.train.ids
     return {
         "store_set": data.context.get("store_set"),
         "manifest_digest": data.context.get("manifest_digest"),
-        "features": data.context.get("features"),
         "uncertain": data.context.get("uncertain"),
-        "head": head,
         "task": data.task,
         "label_names": list(data.label_names),
         "episodes": [
@@ -447,49 +458,110 @@ def _episodes_doc(data: ProbeData, episodes: list[Episode], head: str) -> dict:
     }
 
 
+def _read_episodes_file(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc.get("runs"), list):
+            raise KeyError("runs")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FeatcacheError(
+            f"{path}: not a readable episodes file ({type(e).__name__}: {e}); use one written by probes fewshot"
+        ) from None
+    return doc
+
+
+def save_episodes(path: str | os.PathLike, data: ProbeData, episodes: list[Episode]) -> Path:
+    """Merge a run's episodes into an episodes file (JSON), keeping those of other sets and settings.
+
+    The file holds one record per (set, manifest, uncertain policy, labels) with its episodes keyed
+    by (label, shots, seed); a new episode replaces the one with the same key, so several few-shot
+    runs (other shots, seeds or sets) can share one file. Concurrent writers are serialised by a lock.
+
+    Args:
+        path: the ``.episodes.json`` file (created with its folder if absent).
+        data: the run's data (its ``train`` split is the support pool the episodes index).
+        episodes: the episodes drawn.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = _episodes_run(data, episodes)
+    same = ("store_set", "manifest_digest", "uncertain", "label_names")
+    with open(path, "a+", encoding="utf-8") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        text = fh.read()
+        doc = _read_episodes_file(path) if text.strip() else {"format": _EPISODES_FORMAT, "runs": []}
+        for run in doc["runs"]:
+            if all(run.get(k) == record[k] for k in same):
+                merged = {_episode_key(e): e for e in run["episodes"]}
+                merged.update({_episode_key(e): e for e in record["episodes"]})
+                run["episodes"] = list(merged.values())
+                break
+        else:
+            doc["runs"].append(record)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(doc) + "\n")
+    return path
+
+
 def load_episodes(path: str | os.PathLike, data: ProbeData) -> list[Episode]:
-    """Read episodes saved by :func:`run_fewshot` and map their support ids onto ``data``'s train rows.
+    """Read saved episodes and map their support ids onto ``data``'s support pool.
+
+    Episodes depend only on the manifest (patients, labels, splits), so those drawn on one backbone's
+    set can be re-run on another set extracted from the same manifest: the record of the same set is
+    used when the file has one, else one drawn on the same manifest.
 
     Args:
         path: the ``.episodes.json`` file.
-        data: the loaded data (same manifest; the support ids must be train rows).
+        data: the loaded data; ``data.train`` is the support pool (train + val for few-shot).
 
     Returns:
-        The episodes, ``support`` indexing ``data.train``.
+        The episodes of ``data``'s labels, ``support`` indexing ``data.train``.
 
     Raises:
-        FeatcacheError: unreadable file, another manifest, or support ids that are not train rows.
+        FeatcacheError: unreadable file, no record for this manifest, support ids that are not
+            train rows here, or targets that disagree with the labels here (another uncertain policy).
     """
-    try:
-        doc = json.loads(Path(path).read_text())
-        items = doc["episodes"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    path = Path(path)
+    doc = _read_episodes_file(path)
+    digest, set_name = data.context.get("manifest_digest"), data.context.get("store_set")
+    candidates = [r for r in doc["runs"] if r.get("manifest_digest") == digest and r.get("task") == data.task]
+    if not candidates:
         raise FeatcacheError(
-            f"{path}: not a readable episodes file ({e}); use one written by probes fewshot"
-        ) from None
-    if doc.get("manifest_digest") != data.context.get("manifest_digest"):
-        raise FeatcacheError(
-            f"{path}: episodes were drawn on another manifest than '{data.context.get('store_set')}'; "
-            "draw new ones or use a set extracted from the same manifest"
+            f"{path}: no episodes drawn on the manifest of '{set_name}'; draw new ones (leave out --episodes-from)"
         )
+    run = next((r for r in candidates if r.get("store_set") == set_name), candidates[0])
     where = {rid: i for i, rid in enumerate(data.train.ids.tolist())}
     out = []
-    for n, e in enumerate(items):
+    for n, e in enumerate(run["episodes"]):
+        label = e["label"]
+        if label is not None and label not in data.label_names:
+            continue
         missing = [rid for rid in e["support_ids"] if rid not in where]
         if missing:
             raise FeatcacheError(
-                f"{path}: episode {n} uses ids that are not train rows here ({missing[:3]}); "
-                "use the same --uncertain, --labels and validation split as when they were drawn"
+                f"{path}: episode {n} uses ids that are not train or val rows of '{set_name}' ({missing[:3]}); "
+                "re-extract the failed rows or draw new episodes"
             )
-        label = e["label"]
-        if label is not None and label not in data.label_names:
-            raise FeatcacheError(f"{path}: episode {n} is for label '{label}', not one of {data.label_names}")
+        support = np.array([where[rid] for rid in e["support_ids"]], dtype=np.int64)
+        y = data.train.y[support]
+        here = y[:, data.label_names.index(label)] if label is not None else y
+        if not np.array_equal(here, np.asarray(e["targets"], dtype=here.dtype)):
+            raise FeatcacheError(
+                f"{path}: episode {n} ({label}, {e['shots']} shots, seed {e['seed']}) has targets that differ from "
+                f"the labels of '{set_name}'; use the --uncertain policy the episodes were drawn with"
+            )
         out.append(
             Episode(
                 None if label is None else data.label_names.index(label),
                 int(e["shots"]),
                 int(e["seed"]),
-                [where[rid] for rid in e["support_ids"]],
+                support,
                 e["targets"],
             )
         )
@@ -504,8 +576,8 @@ def run_fewshot(
     cache,
     set_name: str | None = None,
     *,
-    shots: Sequence[int] = (1, 2, 4, 8, 16),
-    seeds: int | Sequence[int] = 10,
+    shots: Sequence[int] | None = None,
+    seeds: int | Sequence[int] | None = None,
     head: str = "logreg",
     features: str = "cls",
     labels: Sequence[str] | None = None,
@@ -527,8 +599,9 @@ def run_fewshot(
     Args:
         cache: feature store folder or URL.
         set_name: feature set (None: the store's only set).
-        shots: K values.
-        seeds: number of seeds (0..n-1) or the seed values.
+        shots: K values (default 1, 2, 4, 8, 16; with ``episodes_from``: those in the file).
+        seeds: number of seeds (0..n-1) or the seed values (default 10; with ``episodes_from``: those in
+            the file).
         head: ``logreg``, ``knn`` or ``prototype`` (see :mod:`probes.fewshot`).
         features: features to probe.
         labels: label columns / class names (None: all).
@@ -536,9 +609,10 @@ def run_fewshot(
         C: logreg head inverse regularisation.
         k: kNN head neighbours (capped at the support size).
         temperature: kNN / prototype temperature.
-        out: JSON-lines file to append rows to; the episodes go to ``<out>.episodes.json``.
-        episodes_out: where to save the episodes instead (JSON: support row ids per episode).
-        episodes_from: re-run the episodes of an earlier run (its ``.episodes.json``) instead of drawing.
+        out: JSON-lines file to append rows to; the episodes are merged into ``<out>.episodes.json``.
+        episodes_out: where to save the episodes instead (see :func:`save_episodes`).
+        episodes_from: re-run saved episodes (an ``.episodes.json``, possibly drawn on another backbone's
+            set of the same manifest) instead of drawing new ones.
 
     Returns:
         The result rows, ``probe = "fewshot"``.
@@ -546,8 +620,9 @@ def run_fewshot(
     # Few-shot tunes nothing, so there is no validation split to carve: the support pool is train + val.
     pool = _pool(_load(cache, set_name, features, labels, uncertain, 0.0, 0))
     run = _context(pool, "fewshot")
-    shot_list = sorted({int(s) for s in ([shots] if np.isscalar(shots) else shots)})
-    seed_list = _seed_list(seeds)
+    given_shots = (1, 2, 4, 8, 16) if shots is None else ([shots] if np.isscalar(shots) else shots)
+    shot_list = sorted({int(s) for s in given_shots})
+    seed_list = _seed_list(10 if seeds is None else seeds)
     if not shot_list or shot_list[0] < 1 or not seed_list:
         raise FeatcacheError(f"shots must be positive integers and seeds non-empty; got {shots!r}, {seeds!r}")
     names = pool.label_names
@@ -556,9 +631,21 @@ def run_fewshot(
     params.update(head_params.get(head, {"temperature": float(temperature)} if head == "prototype" else {}))
     skipped: dict[tuple[int, int], str] = {}
     if episodes_from is not None:
-        episodes = load_episodes(episodes_from, pool)
+        episodes = [
+            e
+            for e in load_episodes(episodes_from, pool)
+            if (shots is None or e.shots in shot_list) and (seeds is None or e.seed in seed_list)
+        ]
+        if not episodes:
+            raise FeatcacheError(f"{episodes_from}: no saved episode has the shots and seeds asked for")
         shot_list = sorted({e.shots for e in episodes})
         seed_list = sorted({e.seed for e in episodes})
+        if pool.task == "multilabel":
+            have = {(e.shots, e.label) for e in episodes}
+            for kk in shot_list:
+                for j in range(len(names)):
+                    if (kk, j) not in have:
+                        skipped[(kk, j)] = f"no {kk}-shot episode for this label in {episodes_from}"
     else:
         enough = _eligible_patients(pool)
         episodes = []
@@ -582,12 +669,11 @@ def run_fewshot(
         S = fewshot_scores(pool.train.X, episodes, pool.test.X, head=head, C=C, k=k, temperature=temperature)
     else:
         S = np.zeros((0, len(pool.test)))
-    path = episodes_out or (episodes_path(out) if out is not None else None)
-    if path is not None and episodes_from is None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(_episodes_doc(pool, episodes, head)) + "\n")
+    path = episodes_out or (episodes_path(out) if out is not None and episodes_from is None else None)
     if path is not None:
-        params["episodes_file"] = str(path if episodes_from is None else episodes_from)
+        save_episodes(path, pool, episodes)
+    if path is not None or episodes_from is not None:
+        params["episodes_file"] = str(episodes_from if episodes_from is not None else path)
     entries = _fewshot_entries(pool, episodes, S, shot_list, seed_list, skipped, head, params)
     return _finish(entries, run, out)
 

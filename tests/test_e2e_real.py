@@ -10,6 +10,7 @@ label gets a well-formed result, not accuracy.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def test_extract_probe_report_on_real_chest_xrays(shared_data, tmp_path):
         assert logreg_mean["params"]["val_carved"] is (dataset == "pneumoniamnist")
     episodes = [p for p in tmp_path.iterdir() if p.name.endswith(".episodes.json")]
     assert episodes == [tmp_path / "results.jsonl.episodes.json"]
+    runs = json.loads(episodes[0].read_text())["runs"]
+    assert [r["store_set"] for r in runs] == list(sets.values())  # one record per set, none overwritten
 
     report = _ok(runner.invoke(probes, ["report", str(results), "--by", "model,res", "--columns", "dataset"]))
     tables = [t for t in report.split("## ") if t.strip()]

@@ -99,13 +99,25 @@ def test_fewshot_range_and_episodes_file(store, tmp_path):
     rows = read_jsonl(out)
     assert sorted({r["shots"] for r in rows}) == [1, 2, 3]
     assert sorted({r["seed"] for r in rows}) == [0, 1]
-    episodes = json.loads((tmp_path / "few.jsonl.episodes.json").read_text())["episodes"]
+    episodes = json.loads((tmp_path / "few.jsonl.episodes.json").read_text())["runs"][0]["episodes"]
     assert len(episodes) == 3 * 2 * len(LABELS)
     assert f"episodes saved to {out}.episodes.json" in result.output
     for s in (1, 2, 3):
         vals = [r["value"] for r in rows if r["shots"] == s and r["label"] == "mean"]
         want = f"{s:>5}  {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} (2)"
         assert want in result.output.splitlines()
+
+
+def test_fewshot_rerun_from_episodes_file(store, tmp_path):
+    saved = tmp_path / "eps.json"
+    base = ["fewshot", "--cache", store["cache"], "--set", store["name"], "--head", "prototype"]
+    first = _run(*base, "--shots", "1,2", "--seeds", 2, "--episodes", saved)
+    assert first.exit_code == 0 and f"episodes saved to {saved}" in first.output
+    again = _run(*base, "--episodes-from", saved)
+    assert again.exit_code == 0, again.output
+    table = [ln for ln in first.output.splitlines() if ln.startswith("    ")]
+    assert table and table == [ln for ln in again.output.splitlines() if ln.startswith("    ")]
+    _assert_one_line_error(_run(*base[:-2]), "--shots is required")
 
 
 def test_shots_syntax():

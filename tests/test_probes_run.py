@@ -214,8 +214,8 @@ def test_fewshot_rows_episodes_file_and_rerun(store, tmp_path):
     out = tmp_path / "few.jsonl"
     rows = run_fewshot(store["cache"], shots=[1, 3], seeds=2, head="prototype", out=out)
     saved = tmp_path / "few.jsonl.episodes.json"
-    doc = json.loads(saved.read_text())
-    assert len(doc["episodes"]) == 2 * 2 * len(LABELS)
+    doc = json.loads(saved.read_text())["runs"][0]
+    assert doc["store_set"] == store["name"] and len(doc["episodes"]) == 2 * 2 * len(LABELS)
     d = load_probe_data(store["cache"], val_fraction=0)
     pool_ids = np.concatenate([d.train.ids, d.val.ids])
     pool_X = np.concatenate([d.train.X, d.val.X])
@@ -252,7 +252,7 @@ def test_fewshot_rows_episodes_file_and_rerun(store, tmp_path):
     # the same call draws the same episodes; re-running the saved ones gives the same values
     again = tmp_path / "again.jsonl"
     rows2 = run_fewshot(store["cache"], shots=[1, 3], seeds=2, head="prototype", out=again)
-    assert json.loads((tmp_path / "again.jsonl.episodes.json").read_text())["episodes"] == doc["episodes"]
+    assert json.loads((tmp_path / "again.jsonl.episodes.json").read_text())["runs"][0] == doc
     rerun = run_fewshot(store["cache"], head="prototype", episodes_from=saved)
     for a, b, c in zip(rows, rows2, rerun):
         assert a["value"] == b["value"] == c["value"] and a["label"] == c["label"]
@@ -338,3 +338,36 @@ def test_report_has_one_line_per_model_and_splits_settings(tmp_path):
     assert "k=10" not in only_k5 and "logreg" in only_k5
     with pytest.raises(FeatcacheError, match="no rows with metric='dice'"):
         run_report(out, metric="dice")
+
+
+def test_episodes_file_merges_runs_and_reruns_on_another_backbone(tmp_path):
+    s = build_store(tmp_path, n_patients=40)
+    build_store(tmp_path, name="toy/other/32", model="random:other", n_patients=40, signal=0.5)
+    out = tmp_path / "r.jsonl"
+    first = run_fewshot(s["cache"], s["name"], shots=[1], seeds=2, head="prototype", out=out)
+    run_fewshot(s["cache"], s["name"], shots=[2], seeds=2, head="prototype", out=out)
+    run_fewshot(s["cache"], "toy/other/32", shots=[1], seeds=2, head="prototype", out=out)
+    runs = json.loads((tmp_path / "r.jsonl.episodes.json").read_text())["runs"]
+    assert [r["store_set"] for r in runs] == [s["name"], "toy/other/32"]
+    assert sorted({e["shots"] for e in runs[0]["episodes"]}) == [1, 2]  # the second run was merged in
+    # the same manifest gives the same episodes whichever backbone's set they are drawn on
+    one_shot = [e for e in runs[0]["episodes"] if e["shots"] == 1]
+    assert one_shot == runs[1]["episodes"]
+
+    # re-running the first set's 1-shot episodes reproduces its rows; a subset of shots can be chosen
+    rerun = run_fewshot(
+        s["cache"], s["name"], shots=[1], head="prototype", episodes_from=tmp_path / "r.jsonl.episodes.json"
+    )
+    assert [r["value"] for r in rerun] == [r["value"] for r in first]
+
+    # episodes whose targets no longer match the labels (another uncertain policy) are refused
+    from featcache.store import FeatureStore
+
+    ep = runs[0]["episodes"][0]
+    negative = ep["support_ids"][ep["targets"].index(0)]
+    fs = FeatureStore(s["cache"], mode="a").open_set(s["name"])
+    raw = fs.labels
+    raw[list(fs.ids).index(negative), LABELS.index(ep["label"])] = -1
+    fs.group["labels"][:] = raw
+    with pytest.raises(FeatcacheError, match="--uncertain policy"):
+        run_fewshot(s["cache"], s["name"], uncertain="ones", episodes_from=tmp_path / "r.jsonl.episodes.json")
