@@ -23,7 +23,8 @@ Logistic regression: labels with both classes in train and val get their C chose
 with both classes in train but one in val use the C that is best on the mean val AUROC of the
 others (``params.C_from = "shared"``); a label with one class in train cannot be fitted and is
 reported with null values and ``params.skipped`` saying why. Few-shot: a label with fewer eligible
-train patients than K is reported likewise for that K. Nothing is dropped silently.
+patients than K in the support pool (train + val) is reported likewise for that K. Nothing is
+dropped silently.
 
 This module does not import torch.
 """
@@ -658,7 +659,7 @@ def run_fewshot(
                 ok = np.flatnonzero(enough >= kk)
                 for j in np.flatnonzero(enough < kk):
                     skipped[(kk, int(j))] = (
-                        f"{int(enough[j])} eligible train patients on the smaller side; {kk} shots need {kk}"
+                        f"{int(enough[j])} eligible train+val patients on the smaller side; {kk} shots need {kk}"
                     )
                 if len(ok):
                     episodes += sample_episodes(
