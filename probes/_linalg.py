@@ -128,8 +128,10 @@ def l2_normalize(X: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if center is not None:
         X = X - np.asarray(center, dtype=np.float32)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
-    return np.divide(X, norm, out=np.zeros_like(X), where=norm > 0)
+    # einsum avoids the [N, D] temporary of X * X; one multiply writes the result.
+    norm = np.sqrt(np.einsum("ij,ij->i", X, X))
+    inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+    return X * inv[:, None]
 
 
 def knn_vote(

@@ -108,10 +108,11 @@ class KNNProbe(BaseEstimator):
             self.n_labels_ = int(Y.max()) + 1
         else:
             self.n_labels_ = Y.shape[1]
+        every = rows.size == X.shape[0]
         self.train_rows_ = rows.astype(np.int64)
-        self.targets_ = Y[rows]
+        self.targets_ = Y if every else Y[rows]
         self.index_ = faiss.IndexFlatIP(X.shape[1])
-        self.index_.add(l2_normalize(X[rows]))
+        self.index_.add(l2_normalize(X if every else X[rows]))
         self.n_train_ = int(rows.size)
         return self
 
