@@ -12,7 +12,7 @@ reaches with the same ``C``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
@@ -234,7 +234,11 @@ def ovr_auroc(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
 
 
 def batched_lbfgs(
-    fun, x0: np.ndarray, max_iter: int = 1000, tol: float = 1e-6, memory: int = 10
+    fun: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    x0: np.ndarray,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    memory: int = 10,
 ) -> np.ndarray:
     """Minimise B independent smooth convex problems together, each with its own L-BFGS state.
 

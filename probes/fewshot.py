@@ -12,7 +12,8 @@ Sampling (``sample_episodes``), on the train rows given:
   in index order; a patient drawn for one class is not eligible for later classes.
 - Reproducible: the draws of an episode come from ``numpy.random.default_rng(
   numpy.random.SeedSequence([seed, shots, label_index + 1]))`` (multi-class: ``[seed, shots]``),
-  so one episode never depends on which other shots, seeds or labels were asked for.
+  so one episode never depends on which other shots, seeds or labels were asked for (given the
+  same train rows in the same order).
 - Too few patients for K is an error naming the label (or class) and the count, never a skip.
 
 Heads (``fewshot_scores``), each fitted and scored for all episodes together:
@@ -20,9 +21,10 @@ Heads (``fewshot_scores``), each fitted and scored for all episodes together:
 - ``"logreg"``: L2-regularised logistic regression, default ``C = 1.0`` (scikit-learn's
   default, the few-shot practice of Tian et al. 2020, "Rethinking few-shot image
   classification") on centred then L2-normalised features (centre: the mean of all train rows
-  given). There is no validation set to tune C with K shots. Binary episodes are solved by one
-  batched Newton iteration in the span of each support set (a (2K + 1)-sized system per
-  episode); multi-class episodes by one joint multinomial L-BFGS. Scores are probabilities.
+  given). There is no validation set to tune C with K shots. Binary episodes are solved together
+  by Newton's method in the span of each support set (one (2K + 1)-sized linear system per
+  episode and step); multi-class episodes by a batched multinomial L-BFGS (one L-BFGS state per
+  episode, shared matrix products). Scores are probabilities.
 - ``"knn"``: the KNNProbe vote (cosine on L2-normalised features, ``exp(sim / T)`` weights),
   ``k`` capped at the support size.
 - ``"prototype"``: SimpleShot (Wang et al. 2019): features centred with the mean of all train
