@@ -84,7 +84,12 @@ def _cfg(root: Path, manifest: Path, **kw) -> ExtractConfig:
 
 @pytest.mark.parametrize(
     ("model", "res"),
-    [("random:dinov3-vits16", 32), ("random:dinov2-vits14", 28), ("random:dinov2-vits14-reg", 28)],
+    [
+        ("random:dinov3-vits16", 32),
+        ("random:dinov2-vits14", 28),
+        ("random:dinov2-vits14-reg", 28),
+        ("random:dinov3-convnext-tiny", 64),
+    ],
 )
 def test_stored_features_equal_direct_forward(tmp_path, model, res):
     manifest = _dataset(tmp_path, n=8, kinds=("png8", "png16", "jpeg", "dicom"))
