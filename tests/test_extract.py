@@ -224,3 +224,26 @@ def test_kill_and_resume_is_bit_identical(tmp_path, sig):
     assert b.ids.tolist() == a.ids.tolist()
     for key in ("cls", "pooled"):
         np.testing.assert_array_equal(a.read(key), b.read(key))
+
+
+def test_out_of_memory_halves_the_micro_batch(tmp_path, monkeypatch):
+    import featcache.extract as ex
+
+    manifest = _dataset(tmp_path, n=8)
+    ref = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "ref"), batch_size=8), progress=False)
+    real_forward = ex._forward
+    sizes = []
+
+    def small_gpu(backbone, pixels, layers, device, dtype):
+        sizes.append(len(pixels))
+        if len(pixels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(backbone, pixels, layers, device, dtype)
+
+    monkeypatch.setattr(ex, "_forward", small_gpu)
+    r = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "oom"), batch_size=8), progress=False)
+    assert r.batch_size == 2 and r.failed == 0 and r.pending == 0
+    assert sizes[:4] == [1, 8, 4, 2]  # probe image, then back-off
+    a = FeatureStore(tmp_path / "ref").open_set(ref.set_name).read("cls")
+    b = FeatureStore(tmp_path / "oom").open_set(r.set_name).read("cls")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
