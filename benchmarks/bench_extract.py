@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="images for the throughput run")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
@@ -54,20 +55,30 @@ def main() -> None:
         backbone = load_backbone(args.model)
         pre = Preprocess(res=args.res, mean=tuple(backbone.spec.mean), std=tuple(backbone.spec.std))
         pixels = torch.stack([pre(read_image(m.abspath(i))) for i in range(len(m))])
-        with torch.inference_mode():
-            backbone(pixels[: args.batch_size])  # warm-up
+
+        def forward_all() -> float:
             t = time.perf_counter()
-            for j in range(0, len(pixels), args.batch_size):
-                backbone(pixels[j : j + args.batch_size])
-            model_only = time.perf_counter() - t
-        cfg = ExtractConfig(
-            model=args.model, data=str(manifest), out=str(tmp / "cache"), res=args.res,
-            batch_size=args.batch_size, workers=args.workers, shard_rows=64,
-        )  # fmt: skip
-        t = time.perf_counter()
-        r = extract(cfg, progress=False)
-        e2e = time.perf_counter() - t
-        assert r.processed == len(m) and r.failed == 0
+            with torch.inference_mode():
+                for j in range(0, len(pixels), args.batch_size):
+                    backbone(pixels[j : j + args.batch_size])
+            return time.perf_counter() - t
+
+        forward_all()  # warm-up
+        r = None
+        model_only, e2e = float("inf"), float("inf")
+        for rep in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
+            model_only = min(model_only, forward_all())
+            cfg = ExtractConfig(
+                model=args.model, data=str(manifest), out=str(tmp / f"cache{rep}"), res=args.res,
+                batch_size=args.batch_size, workers=args.workers, shard_rows=64,
+            )  # fmt: skip
+            t = time.perf_counter()
+            run = extract(cfg, progress=False)
+            total = time.perf_counter() - t
+            assert run.processed == len(m) and run.failed == 0
+            if r is None or run.seconds < r.seconds:
+                r = run
+            e2e = min(e2e, total)
         out.update(
             model_only_img_s=len(m) / model_only,
             pipeline_img_s=r.images_per_s,
