@@ -1,0 +1,306 @@
+"""Volumes as slice manifests, checked against nibabel and pydicom read directly: slice order,
+orientation (through world coordinates), windowing, label volumes, 4D refusal, DICOM series sorted
+by position not file name, and multi-frame enhanced CT."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from featcache.errors import FeatcacheError, ImageReadError
+from featcache.images import read_image, read_mask
+from featcache.manifest import read_manifest
+from featcache.volumes import (
+    WINDOW_PRESETS,
+    expand_volumes,
+    parse_window,
+    read_label_volume,
+    read_volume,
+    volume_slice,
+)
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The documented mapping, written out: [lo, hi] -> [0, 65535], clipped, rounded."""
+    return np.round(np.clip((values.astype(np.float64) - lo) / (hi - lo), 0, 1) * 65535).astype(np.uint16)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- windowing
+
+
+def test_parse_window_presets_numbers_and_percentiles():
+    lung = parse_window("lung")
+    assert (lung.width, lung.level) == WINDOW_PRESETS["lung"] == (1500.0, -600.0)
+    assert lung.bounds(np.zeros(3)) == (-1350.0, 150.0)
+    w = parse_window("400,40")
+    assert (w.kind, w.width, w.level) == ("fixed", 400.0, 40.0)
+    p = parse_window("percentile:0.5,99.5")
+    data = np.arange(1001, dtype=np.float64)
+    assert p.bounds(data) == pytest.approx((5.0, 995.0))
+    assert parse_window(None).bounds(data) == pytest.approx((10.0, 990.0))  # default: 1st-99th
+    for bad in ("liver", "400", "0,40", "percentile:99,1", "percentile:a,b"):
+        with pytest.raises(FeatcacheError, match="--window"):
+            parse_window(bad)
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI
+
+
+def _expected_slices(img: nib.Nifti1Image, data: np.ndarray, shape: tuple[int, int, int], axis: int, k: int):
+    """Reference slice from nibabel's own affines: for every display pixel, the canonical voxel given
+    by the documented layout (rows: decreasing second in-plane RAS axis, columns: decreasing first),
+    its world point through the canonical affine, and the original voxel through the file's affine."""
+    canon = nib.as_closest_canonical(img)
+    plane = [a for a in range(3) if a != axis]
+    n_rows, n_cols = shape[plane[1]], shape[plane[0]]
+    r, c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    vox = np.zeros((n_rows, n_cols, 3))
+    vox[..., axis] = k
+    vox[..., plane[1]] = shape[plane[1]] - 1 - r
+    vox[..., plane[0]] = shape[plane[0]] - 1 - c
+    world = nib.affines.apply_affine(canon.affine, vox)
+    orig = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), world)).astype(int)
+    return data[orig[..., 0], orig[..., 1], orig[..., 2]], world
+
+
+def test_nifti_mr_volume_against_nibabel(shared_data, tmp_path):
+    folder = shared_data / "volumes"
+    img = nib.load(folder / "anatomical.nii")
+    raw = np.asarray(img.get_fdata())
+    labels_raw = np.asarray(nib.load(folder / "anatomical_label.nii.gz").dataobj)
+    vol = read_volume(folder / "anatomical.nii")
+    assert vol.shape == img.shape and nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+    lab = read_label_volume(folder / "anatomical_label.nii.gz", vol)
+    assert lab.sum() == labels_raw.sum() == 330
+
+    for axis in (2, 1, 0):
+        for k in (0, vol.shape[axis] // 2, vol.shape[axis] - 1):
+            ref, world = _expected_slices(img, raw, vol.shape, axis, k)
+            assert np.array_equal(volume_slice(vol.data, axis, k), ref)
+            # display convention in world terms: down the rows the superior (axial: anterior) coordinate
+            # falls, along the columns right->left (sagittal: anterior->posterior) it falls
+            down = {2: 1, 1: 2, 0: 2}[axis]
+            across = {2: 0, 1: 0, 0: 1}[axis]
+            assert (np.diff(world[..., down], axis=0) < 0).all() and (
+                np.diff(world[..., across], axis=1) < 0
+            ).all()
+            ref_lab, _ = _expected_slices(img, labels_raw, vol.shape, axis, k)
+            assert np.array_equal(volume_slice(lab, axis, k), ref_lab)
+        # slice index runs along increasing RAS coordinate of the axis
+        assert vol.affine[axis, axis] > 0
+
+    manifest = _write_csv(
+        tmp_path / "vols.csv",
+        ["path", "id", "patient_id", "split", "mask", "abnormal", "meta_modality"],
+        [["anatomical.nii", "mr1", "subj1", "train", "anatomical_label.nii.gz", 1, "MR"]],
+    )
+    result = expand_volumes(manifest, tmp_path / "slices", root=folder, window="percentile")
+    lo, hi = np.percentile(raw, [1, 99])
+    m = read_manifest(result.manifest)  # a valid image manifest, files present
+    assert result.n_slices == len(m) == 25
+    assert (
+        list(m.ids[:2]) == ["mr1#0", "mr1#1"]
+        and set(m.patient_ids) == {"subj1"}
+        and set(m.splits) == {"train"}
+    )
+    assert m.label_names == ["abnormal"] and (m.labels == 1).all()
+    assert list(m.meta["meta_volume"]) == ["mr1"] * 25 and list(m.meta["meta_slice"]) == [
+        str(k) for k in range(25)
+    ]
+    assert set(m.meta["meta_modality"]) == {"MR"}
+    total = 0
+    for k in range(25):
+        ref, _ = _expected_slices(img, raw, vol.shape, 2, k)
+        png = _png(m.abspath(k))
+        assert png.dtype == np.uint16 and np.array_equal(png, _window(ref, lo, hi))
+        assert np.allclose(read_image(m.abspath(k)), _window(ref, lo, hi) / 65535.0)
+        ref_lab, _ = _expected_slices(img, labels_raw, vol.shape, 2, k)
+        mask = read_mask(m.root / m.masks[k])
+        assert np.array_equal(mask, ref_lab)
+        total += int(mask.sum())
+    assert total == 330
+
+
+def test_every_and_axis_choose_slices(shared_data, tmp_path):
+    path = shared_data / "volumes" / "anatomical.nii"
+    manifest = _write_csv(tmp_path / "v.csv", ["path", "id"], [[path.name, "mr"]])
+    r = expand_volumes(manifest, tmp_path / "s", root=path.parent, axis=0, every=10, window="100,50")
+    m = read_manifest(r.manifest)
+    assert list(m.meta["meta_slice"]) == ["0", "10", "20", "30"]  # 33 sagittal slices, every 10th
+    vol = read_volume(path)
+    assert np.array_equal(_png(m.abspath(1)), _window(volume_slice(vol.data, 0, 10), 0.0, 100.0))
+    assert _png(m.abspath(1)).shape == (
+        25,
+        41,
+    )  # sagittal: superior-inferior rows, anterior-posterior columns
+
+
+def test_4d_file_refused_or_one_frame_taken(shared_data, tmp_path):
+    path = shared_data / "volumes" / "example4d.nii.gz"
+    with pytest.raises(ImageReadError, match=r"4D volume 128x96x24x2 .*--frame"):
+        read_volume(path)
+    with pytest.raises(ImageReadError, match="out of range"):
+        read_volume(path, frame=2)
+    img = nib.load(path)
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")  # canonical = first axis reversed
+    vol = read_volume(path, frame=1)
+    assert np.array_equal(vol.data, np.asarray(img.dataobj)[::-1, :, :, 1].astype(np.float32))
+    manifest = _write_csv(tmp_path / "v.csv", ["path"], [[path.name]])
+    root = str(path.parent)
+    res = CliRunner().invoke(
+        _featcache(), ["volumes", str(manifest), "--out", str(tmp_path / "s"), "--root", root]
+    )
+    assert res.exit_code == 1 and "Traceback" not in res.output and "--frame" in res.output
+    res = CliRunner().invoke(
+        _featcache(), ["volumes", str(manifest), "--out", str(tmp_path / "s"), "--root", root, "--frame", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "24 slices of 1 volumes" in res.output
+
+
+def _featcache():
+    from cli import featcache
+
+    return featcache
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+
+
+def _dicom_slice(path: Path, pixels: np.ndarray, position, orientation, series: str, instance: int, **extra):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, instance
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelSpacing = [0.7, 0.6]
+    ds.ImageOrientationPatient = list(orientation)
+    ds.ImagePositionPatient = list(position)
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -1024
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _series(folder: Path, positions, orientation, seed=0, names=None):
+    """Write one slice per position under shuffled, misleading file names; returns the pixel arrays."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    pixels = [rng.integers(0, 1400, size=(6, 8)) for _ in positions]
+    names = names or [f"slice_{i:02d}.dcm" for i in rng.permutation(len(positions))]
+    for i, pos in enumerate(positions):
+        _dicom_slice(folder / names[i], pixels[i], pos, orientation, series, instance=len(positions) - i)
+    (folder / "README.txt").write_text("not DICOM")  # ignored
+    return pixels
+
+
+def test_axial_dicom_series_sorted_by_position_with_hu_window(tmp_path):
+    z = [7.5, -2.5, 5.0, 0.0, 2.5]  # written in this order, under shuffled names
+    _series(tmp_path / "ct", [(-30.0, -20.0, zz) for zz in z], (1, 0, 0, 0, 1, 0))
+    vol = read_volume(tmp_path / "ct")
+    assert vol.shape == (8, 6, 5)
+    assert np.allclose(np.diag(vol.affine)[:3], [0.6, 0.7, 2.5], atol=1e-3)  # spacing, slices 2.5 mm apart
+    # the reference, straight from pydicom: files ordered by z (RAS z = DICOM z: inferior first), HU
+    files = [pydicom.dcmread(f) for f in (tmp_path / "ct").glob("*.dcm")]
+    files.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    hu = [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in files]
+    manifest = _write_csv(tmp_path / "v.csv", ["path", "id", "split"], [["ct", "ct1", "test"]])
+    m = read_manifest(expand_volumes(manifest, tmp_path / "slices", window="lung").manifest)
+    assert len(m) == 5 and list(m.splits) == ["test"] * 5
+    for k in range(5):
+        # the standard axial layout (anterior up, patient right on the left) is the stored pixel array
+        assert np.array_equal(volume_slice(vol.data, 2, k), hu[k])
+        assert np.array_equal(_png(m.abspath(k)), _window(hu[k], -1350.0, 150.0))  # lung: W1500 L-600
+
+
+def test_coronal_dicom_series_orientation(tmp_path):
+    # coronal slices: rows run towards patient left (+x), columns towards inferior (-z); normal +y (posterior)
+    y = [10.0, 30.0, 20.0, 0.0]
+    pixels = _series(tmp_path / "cor", [(-30.0, yy, 40.0) for yy in y], (1, 0, 0, 0, 0, -1), seed=1)
+    vol = read_volume(tmp_path / "cor")
+    order = np.argsort(y)[::-1]  # RAS anterior = -DICOM y: the most posterior slice (largest y) first
+    for k, i in enumerate(order):
+        # the standard coronal layout (superior up, patient right on the left) is the stored array
+        assert np.array_equal(volume_slice(vol.data, 1, k), pixels[i] * 2.0 - 1024)
+
+
+def test_dicom_series_errors(tmp_path):
+    _series(tmp_path / "dup", [(0.0, 0.0, 1.0), (0.0, 0.0, 1.0)], (1, 0, 0, 0, 1, 0))
+    with pytest.raises(ImageReadError, match="same position"):
+        read_volume(tmp_path / "dup")
+    _series(tmp_path / "two", [(0.0, 0.0, 1.0), (0.0, 0.0, 2.0)], (1, 0, 0, 0, 1, 0))
+    _series(tmp_path / "other", [(0.0, 0.0, 3.0)], (1, 0, 0, 0, 1, 0), names=["x.dcm"])
+    shutil.copy(tmp_path / "other" / "x.dcm", tmp_path / "two" / "x.dcm")
+    with pytest.raises(ImageReadError, match="2 DICOM series"):
+        read_volume(tmp_path / "two")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageReadError, match="no DICOM files"):
+        read_volume(tmp_path / "empty")
+    with pytest.raises(ImageReadError, match="not a volume"):
+        read_volume(tmp_path / "two" / "README.txt")
+
+
+def test_multiframe_enhanced_ct_against_pydicom(shared_data, tmp_path):
+    path = shared_data / "dicom_samples" / "files" / "eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array.astype(np.float64)
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in per_frame]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    intercept = float(shared.PixelValueTransformationSequence[0].RescaleIntercept)
+    orient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert list(map(float, orient)) == [-1, 0, 0, 0, 1, 0] and z == [-159.0, -149.0]
+    vol = read_volume(path)
+    assert vol.shape == (512, 512, 2)
+    manifest = _write_csv(tmp_path / "v.csv", ["path", "id"], [[path.name, "ect"]])
+    m = read_manifest(expand_volumes(manifest, tmp_path / "s", root=path.parent, window="100,40").manifest)
+    for k, i in enumerate(np.argsort(z)):
+        hu = frames[i] + intercept
+        # rows run towards the patient's right (-x in LPS), so the display (right on the left) mirrors them
+        assert np.array_equal(volume_slice(vol.data, 2, k), np.fliplr(hu))
+        assert np.array_equal(_png(m.abspath(k)), _window(np.fliplr(hu), -10.0, 90.0))
+
+
+def test_manifest_problems_are_named(tmp_path, shared_data):
+    manifest = _write_csv(tmp_path / "v.csv", ["path", "id"], [["missing.nii.gz", "a"]])
+    with pytest.raises(FeatcacheError, match=r"line 2 \(missing.nii.gz\)"):
+        expand_volumes(manifest, tmp_path / "s")
+    manifest = _write_csv(tmp_path / "w.csv", ["path", "meta_slice"], [["anatomical.nii", "x"]])
+    with pytest.raises(FeatcacheError, match="reserved"):
+        expand_volumes(manifest, tmp_path / "s", root=shared_data / "volumes")
+    img = nib.load(shared_data / "volumes" / "anatomical.nii")
+    nib.save(nib.Nifti1Image(np.zeros((33, 41, 24), np.uint8), img.affine), tmp_path / "bad_label.nii.gz")
+    with pytest.raises(ImageReadError, match="does not match the image"):
+        read_label_volume(
+            tmp_path / "bad_label.nii.gz", read_volume(shared_data / "volumes" / "anatomical.nii")
+        )
