@@ -632,6 +632,123 @@ def import_cmd(
 # ---- dense and 3D commands (probes seg, featcache volumes, featcache pca) ----
 
 
+@probes.command()
+@click.option("--cache", required=True, help="Feature store folder or fsspec URL.")
+@click.option("--set", "set_name", help="Feature set with patch tokens and masks [default: the only set].")
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "conv"]))
+@click.option("--structures", help="Names of mask labels 1,2,... e.g. lung,heart [default: structure_1...].")
+@click.option(
+    "--epochs", default=100, show_default=True, type=int, help="Maximum epochs (early stopping on val)."
+)
+@click.option("--lr", type=float, help="AdamW learning rate [default: 1e-2 linear, 1e-3 conv].")
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Training, bootstrap and carved-val seed."
+)
+@click.option(
+    "--bootstrap", "n_boot", default=1000, show_default=True, type=int, help="Patient bootstrap draws."
+)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    type=float,
+    help="Train patients carved into val if none.",
+)
+@click.option("--root", type=click.Path(file_okay=False), help="Mask root [default: the extraction's root].")
+@click.option("--save-masks", type=click.Path(file_okay=False), help="Write predicted test masks (PNG) here.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
+@_one_line_errors
+def seg(
+    cache, set_name, head, structures, epochs, lr, seed, n_boot, val_fraction, root, save_masks, out
+) -> None:
+    """Segmentation probe on patch tokens vs the mean-training-mask baseline: Dice, Jaccard, HD95 with CIs.
+
+    Example: probes seg --cache cache/ --set demo/random-dinov3-vits16/112 --head linear --out results.jsonl
+    """
+    from probes.seg import run_seg
+
+    rows = run_seg(
+        cache, set_name, head=head, structures=_csv_list(structures) or None, epochs=epochs, lr=lr, seed=seed,
+        n_boot=n_boot, val_fraction=val_fraction, root=root, save_masks=save_masks, out=out,
+    )  # fmt: skip
+    _echo_header(rows, f"seg head={head}")
+    click.echo(f"{'probe':13} {'label':16} {'Dice [95% CI]':26} {'Jaccard':>8} {'HD95 px':>8}")
+    by = {(r["probe"], r["label"], r["metric"]): r for r in rows}
+    for probe_name, label, _ in [k for k in by if k[2] == "dice"]:
+        jac, hd = by[(probe_name, label, "jaccard")], by[(probe_name, label, "hd95")]
+        j = f"{jac['value']:.3f}" if jac.get("value") is not None else "n/a"
+        h = f"{hd['value']:.1f}" if hd.get("value") is not None else "n/a"
+        click.echo(f"{probe_name:13} {label:16} {_fmt_ci(by[(probe_name, label, 'dice')]):26} {j:>8} {h:>8}")
+    if save_masks:
+        click.echo(f"predicted test masks written to {save_masks}")
+    _echo_written(rows, out)
+
+
+@featcache.command()
+@click.argument("manifest_csv", type=click.Path(dir_okay=False))
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for slices and manifest.csv."
+)
+@click.option(
+    "--root", type=click.Path(file_okay=False), help="Volume root [default: the manifest's folder]."
+)
+@click.option(
+    "--axis",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0, 2),
+    help="2 axial, 1 coronal, 0 sagittal (RAS).",
+)
+@click.option(
+    "--window",
+    default="percentile",
+    show_default=True,
+    help="lung|mediastinum|abdomen|bone|brain, W,L (e.g. 400,40) or percentile[:LOW,HIGH].",
+)
+@click.option("--every", default=1, show_default=True, type=int, help="Keep every N-th slice.")
+@click.option("--frame", type=int, help="Time point of 4-D files (they are refused without it).")
+@_one_line_errors
+def volumes(manifest_csv, out, root, axis, window, every, frame) -> None:
+    """Expand 3D volumes (NIfTI, DICOM series folders, multi-frame DICOM) into 16-bit PNG slices and a manifest.
+
+    Example: featcache volumes vols.csv --out slices/ --axis 2 --window lung && featcache extract --data slices/manifest.csv ...
+    """
+    from featcache.volumes import expand_volumes
+
+    result = expand_volumes(manifest_csv, out, root=root, axis=axis, window=window, every=every, frame=frame)
+    click.echo(result.summary())
+
+
+@featcache.command()
+@click.option("--cache", required=True, help="Feature store folder or fsspec URL.")
+@click.option("--set", "set_name", help="Feature set with patch tokens [default: the store's only set].")
+@click.option("--ids", required=True, help="Comma-separated row ids of the images to show.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option(
+    "--threshold",
+    type=float,
+    is_flag=False,
+    flag_value=0.5,
+    help="Foreground threshold on the scaled first component (alone: 0.5); background black.",
+)
+@click.option("--root", type=click.Path(file_okay=False), help="Image root [default: the extraction's root].")
+@click.option("--cell", type=int, help="Pixels per image side [default: the resolution, 224..512].")
+@_one_line_errors
+def pca(cache, set_name, ids, out, threshold, root, cell) -> None:
+    """Picture of the images and their joint patch-token PCA (3 components as RGB), side by side.
+
+    Example: featcache pca --cache cache/ --set demo/random-dinov3-vits16/112 --ids p000_0,p001_0 --out pca.png --threshold
+    """
+    from featcache.pca import pca_picture
+
+    r = pca_picture(cache, set_name, ids=_csv_list(ids), out=out, threshold=threshold, root=root, cell=cell)
+    shown = ", ".join(f"{v:.1%}" for v in r.explained)
+    fg = f", foreground {r.foreground:.0%} of patches" if threshold is not None else ""
+    click.echo(
+        f"wrote {r.path} ({r.size[0]}x{r.size[1]} px, {len(r.ids)} images; variance explained {shown}{fg})"
+    )
+
+
 # ---- probes commands ----
 
 
