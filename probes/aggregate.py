@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
-__all__ = ["AGGREGATIONS", "aggregate", "aggregate_probe_data", "aggregate_split"]
+__all__ = ["AGGREGATIONS", "aggregate", "aggregate_probe_data", "aggregate_split", "volume_ids"]
 
 AGGREGATIONS = ("mean", "max")
 
@@ -63,6 +63,26 @@ def aggregate(X, groups, how: str = "mean") -> tuple[np.ndarray, np.ndarray, np.
         pooled = np.maximum.reduceat(X[rows], starts, axis=0)
     first_row = first[order_of_group].astype(np.int64)
     return pooled.astype(np.float32), groups[first_row], first_row
+
+
+def volume_ids(fs: Any) -> np.ndarray:
+    """The volume id of every row of a feature set extracted from a slice manifest.
+
+    Args:
+        fs: a ``featcache.store.FeatureSet``.
+
+    Returns:
+        str [N], the ``meta_volume`` column.
+
+    Raises:
+        FeatcacheError: the set has no ``meta_volume`` column (it was not made from a slice manifest).
+    """
+    if "volume" not in fs.meta_names():
+        raise FeatcacheError(
+            f"{fs.name}: no meta_volume column, so slices cannot be pooled per volume; expand the volumes "
+            "with `featcache volumes` and extract its slices/manifest.csv (or drop --aggregate)"
+        )
+    return fs.meta("volume")
 
 
 def _same_within(values: np.ndarray, g: np.ndarray, first: np.ndarray, equal_nan: bool) -> np.ndarray:

@@ -261,8 +261,8 @@ class _ArrayTokens:
             yield pos, self.X[pos]
 
 
-def _as_source(X) -> StoreTokens | _ArrayTokens:
-    if isinstance(X, (StoreTokens, _ArrayTokens)):
+def _as_source(X):
+    if hasattr(X, "blocks") and hasattr(X, "shape"):  # StoreTokens or any source with that interface
         return X
     X = np.asarray(X)
     if X.ndim != 4:
@@ -392,7 +392,8 @@ class SegProbe(BaseEstimator):
         """Train the head, keeping the weights with the best validation Dice.
 
         Args:
-            X: patch tokens float16/float32 [n, h, w, D] (an array or a :class:`StoreTokens`).
+            X: patch tokens float16/float32 [n, h, w, D]: an array, a :class:`StoreTokens`, or any object
+                with ``shape`` and ``blocks(rng)`` like it (e.g. tokens computed on the fly).
             Y: int [n, S, S] training label maps at the loss resolution S (0 background, k structure k).
             X_val: validation tokens [m, h, w, D], or None (train for ``epochs``, keep the last weights).
             Y_val: int [m, S', S'] validation label maps.

@@ -11,7 +11,7 @@ from featcache.errors import FeatcacheError
 from featcache.manifest import read_manifest, write_manifest
 from featcache.store import ArraySpec, FeatureStore
 from featcache.volumes import expand_volumes
-from probes.aggregate import aggregate, aggregate_probe_data, aggregate_split
+from probes.aggregate import aggregate, aggregate_probe_data, aggregate_split, volume_ids
 from probes.data import ProbeData, Split, load_probe_data
 
 
@@ -78,16 +78,17 @@ def test_pooled_probe_data_equals_numpy_mean_over_stored_slices(tmp_path):
         fs.write_shard(s, {"cls": X[lo:hi], "pooled": X[lo:hi]}, failed)
 
     data = load_probe_data(tmp_path / "cache", features="cls")
-    volume_ids = fs.meta("volume")
-    stored = FeatureStore(tmp_path / "cache").open_set().read("cls")
+    reopened = FeatureStore(tmp_path / "cache").open_set()
+    stored, vids = reopened.read("cls"), volume_ids(reopened)
+    assert vids.tolist() == [f"vol{i}" for i, n in enumerate((5, 3, 4, 6, 2)) for _ in range(n)]
     for how, fn in (("mean", np.mean), ("max", np.max)):
-        pooled = aggregate_probe_data(data, volume_ids, how)
+        pooled = aggregate_probe_data(data, vids, how)
         assert pooled.context["aggregate"] == how and pooled.context["n_slices"] == len(m) - 1
         assert pooled.train.ids.tolist() == ["vol0", "vol1", "vol2"]
         assert pooled.val.ids.tolist() == ["vol3"] and pooled.test.ids.tolist() == ["vol4"]
         for split in (pooled.train, pooled.val, pooled.test):
             for j, vid in enumerate(split.ids):
-                rows = np.flatnonzero((volume_ids == vid) & fs.ok)
+                rows = np.flatnonzero((vids == vid) & reopened.ok)
                 np.testing.assert_allclose(split.X[j], fn(stored[rows].astype(np.float64), axis=0), rtol=1e-6)
                 i = int(vid[3:])
                 assert split.patients[j] == plan[i][0]
@@ -139,3 +140,12 @@ def test_volume_in_two_splits_or_without_id_is_refused():
         aggregate_probe_data(data, np.array(["a", "", "b", "b"]), "mean")
     with pytest.raises(FeatcacheError, match="--aggregate"):
         aggregate_probe_data(data, vol, "sum")
+
+
+def test_volume_ids_need_a_slice_manifest(tmp_path):
+    slices_csv, _ = _volumes(tmp_path)
+    plain = read_manifest(slices_csv)
+    plain.meta = {}
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("x/m/32", plain, {"cls": ArraySpec((4,))}, {})
+    with pytest.raises(FeatcacheError, match="no meta_volume column"):
+        volume_ids(fs)
