@@ -20,7 +20,16 @@ from featcache.errors import FeatcacheError, StoreError
 from featcache.images import Preprocess, read_mask
 from featcache.manifest import Manifest
 from featcache.store import ArraySpec, FeatureStore
-from probes.seg import SegProbe, dice, hd95, jaccard, mean_mask_baseline, run_seg, seg_metrics
+from probes.seg import (
+    SegProbe,
+    StoreTokens,
+    dice,
+    hd95,
+    jaccard,
+    mean_mask_baseline,
+    run_seg,
+    seg_metrics,
+)
 
 RES, GRID, DIM = 128, 8, 8
 
@@ -211,6 +220,22 @@ def test_run_seg_rows_baseline_saved_masks_and_report(tmp_path):
     assert "## seg features=patch head=linear: dice, label mean" in text
     assert "## seg-baseline features=patch: dice, label mean" in text
     assert f"{seg[('mean', 'dice')]['value']:.3f}" in text
+
+
+def test_tokens_streamed_from_the_store_shard_by_shard(tmp_path):
+    cache, tokens, *_ = _synthetic_store(tmp_path)
+    fs = FeatureStore(cache).open_set()
+    rows = np.array([33, 2, 17, 5, 30, 18])  # three shards of 16 rows, unordered
+    src = StoreTokens(fs, rows)
+    seen = []
+    for pos, block in src.blocks(np.random.default_rng(0)):
+        assert len({int(r) // 16 for r in rows[pos]}) == 1  # one shard per block
+        assert np.array_equal(block, tokens[rows[pos]])
+        seen += pos.tolist()
+    assert sorted(seen) == list(range(len(rows))) and src.shape == (6, GRID, GRID, DIM)
+    # a memory budget of 0 streams train and val tokens every epoch; the head still finds the mask
+    streamed = run_seg(cache, n_boot=20, baseline=False, max_memory_mb=0)
+    assert next(r["value"] for r in streamed if r["label"] == "mean" and r["metric"] == "dice") > 0.95
 
 
 def test_structures_are_named_and_checked(tmp_path):
