@@ -608,7 +608,7 @@ def _nearest(mask: np.ndarray, size: int) -> np.ndarray:
     return mask[np.ix_(idx, idx)]
 
 
-def _seg_context(store: FeatureStore, fs: FeatureSet, features: str) -> dict[str, Any]:
+def _seg_context(fs: FeatureSet, features: str) -> dict[str, Any]:
     attrs = fs.attrs
     config = attrs.get("config", {})
     context = {
@@ -631,7 +631,10 @@ def _safe_name(text: str) -> str:
 def _save_mask(folder: Path, row_id: str, label_map: np.ndarray, n_structures: int) -> None:
     from PIL import Image
 
-    arr = (label_map > 0).astype(np.uint8) * 255 if n_structures == 1 else label_map.astype(np.uint8)
+    if n_structures == 1:
+        arr = (label_map > 0).astype(np.uint8) * 255
+    else:
+        arr = label_map.astype(np.uint8 if n_structures <= 255 else np.uint16)
     Image.fromarray(arr).save(folder / f"{_safe_name(row_id)}.png")
 
 
@@ -838,7 +841,7 @@ def run_seg(
             if folder is not None:
                 _save_mask(folder, str(ids[row]), label_map, K)
 
-    context = _seg_context(store, fs, features)
+    context = _seg_context(fs, features)
     params: dict[str, Any] = {
         "epochs": int(epochs),
         "lr": _resolved_lr(head, lr),
@@ -851,6 +854,9 @@ def run_seg(
     }
     if carved:
         params.update(val_fraction=float(val_fraction), split_seed=int(seed))
+    extracted_with = fs.attrs.get("versions", {}).get("featcache")
+    if extracted_with:
+        params["extracted_with"] = extracted_with
     patients = fs.patient_ids[test]
     common = {"seed": int(seed), "n_train": len(keep["train"])}
     names = names + [f"structure_{k}" for k in range(len(names) + 1, K + 1)]
