@@ -797,6 +797,11 @@ def _probe_data_options(fn):
             type=click.Choice(["ignore", "zeros", "ones"]),
             help="What uncertain (-1) labels become: missing, negative or positive.",
         ),
+        click.option(
+            "--aggregate",
+            type=click.Choice(["mean", "max"]),
+            help="Pool slice features per volume (slice manifests from `featcache volumes`).",
+        ),
         click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file."),
     ]
     for option in reversed(options):
@@ -857,7 +862,7 @@ def _echo_header(rows: list[dict], what: str) -> None:
 @_bootstrap_options
 @_one_line_errors
 def knn(
-    cache, set_name, features, labels, uncertain, out, k, temperature, n_boot, seed, val_fraction
+    cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, n_boot, seed, val_fraction
 ) -> None:
     """Weighted kNN probe (cosine, temperature votes): AUROC per label and mean, with patient CIs.
 
@@ -868,7 +873,7 @@ def knn(
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature,
         labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
-        val_fraction=val_fraction, out=out,
+        val_fraction=val_fraction, out=out, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, "knn")
     click.echo(f"{'k':>5}  mean AUROC [95% CI]")
@@ -884,7 +889,9 @@ def knn(
 @click.option("--C-grid", "C_grid", help="Candidate C values, e.g. 1e-4,1e-2,1,100 [default: 1e-6..1e5].")
 @_bootstrap_options
 @_one_line_errors
-def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot, seed, val_fraction) -> None:
+def logreg(
+    cache, set_name, features, labels, uncertain, aggregate, out, C, C_grid, n_boot, seed, val_fraction
+) -> None:
     """Logistic-regression probe, C chosen on validation only: AUROC per label and mean, with CIs.
 
     Example: probes logreg --cache cache/ --set nih/dinov3-vitb16/512 --out results.jsonl
@@ -895,7 +902,7 @@ def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot,
     grid = _float_list(C_grid, "--C-grid") if C_grid else DEFAULT_C_GRID
     rows = run_logreg(
         cache, set_name, features=features, C=C, C_grid=grid, labels=_csv_list(labels) or None,
-        uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out,
+        uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, "logreg")
     click.echo(f"{'label':24} {'C':>8}  AUROC [95% CI]")
@@ -928,8 +935,9 @@ def logreg(cache, set_name, features, labels, uncertain, out, C, C_grid, n_boot,
 )
 @_one_line_errors
 def fewshot(
-    cache, set_name, features, labels, uncertain, out, shots, seeds, head, C, k, episodes_out, episodes_from
-) -> None:
+    cache, set_name, features, labels, uncertain, aggregate, out, shots, seeds, head, C, k, episodes_out,
+    episodes_from,
+) -> None:  # fmt: skip
     """Few-shot probe: K patients per side/class, many seeds, AUROC of every episode on the test split.
 
     Example: probes fewshot --cache cache/ --set nih/dinov3-vitb16/512 --shots 1..16 --seeds 10 --out results.jsonl
@@ -948,7 +956,7 @@ def fewshot(
     rows = run_fewshot(
         cache, set_name, shots=shot_list, seeds=seeds, head=head, features=features,
         labels=_csv_list(labels) or None, uncertain=uncertain, C=C, k=k, out=out,
-        episodes_out=episodes_out, episodes_from=episodes_from,
+        episodes_out=episodes_out, episodes_from=episodes_from, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, f"fewshot head={head}")
     click.echo(f"{'shots':>5}  mean AUROC ± SD over seeds (seeds)")
@@ -982,8 +990,9 @@ def fewshot(
 @_bootstrap_options
 @_one_line_errors
 def compare(
-    cache, set_name, features, labels, uncertain, out, sets, probe_name, k, C, n_boot, seed, val_fraction
-) -> None:
+    cache, set_name, features, labels, uncertain, aggregate, out, sets, probe_name, k, C, n_boot, seed,
+    val_fraction,
+) -> None:  # fmt: skip
     """Paired comparison of two feature sets: AUROC difference with paired CI, DeLong p, Holm-corrected.
 
     Example: probes compare --cache cache/ --sets nih/dinov3-vitb16/512,nih/rad-dino/518 --probe logreg
@@ -998,6 +1007,7 @@ def compare(
     rows = run_compare(
         cache, names, probe=probe_name, features=features, labels=_csv_list(labels) or None,
         uncertain=uncertain, k=k, C=C, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out,
+        aggregate=aggregate,
     )  # fmt: skip
     click.echo(f"{names[0]} minus {names[1]} ({probe_name}, features={features})")
     click.echo(f"{'label':24} {'AUROC diff [95% CI]':28} {'p':>8} {'p (Holm)':>9}")

@@ -214,6 +214,7 @@ def load_probe_data(
     uncertain: str = "ignore",
     val_fraction: float = 0.2,
     seed: int = 0,
+    aggregate: str | None = None,
 ) -> ProbeData:
     """Load one feature set's features and targets, split into train / val / test.
 
@@ -226,6 +227,8 @@ def load_probe_data(
         val_fraction: share of train patients carved into validation when the store has no val rows
             (0: no validation split).
         seed: seed of that carving.
+        aggregate: ``mean`` or ``max`` to pool slice features per volume (the ``meta_volume`` column
+            written by ``featcache volumes``): each volume becomes one sample; None keeps rows as they are.
 
     Returns:
         A :class:`ProbeData`.
@@ -283,7 +286,7 @@ def load_probe_data(
         manifest_digest=attrs.get("manifest_digest"),
         featcache_version=attrs.get("versions", {}).get("featcache"),
     )
-    return ProbeData(
+    data = ProbeData(
         task=fs.task,
         label_names=chosen,
         train=make(keep["train"]),
@@ -291,6 +294,11 @@ def load_probe_data(
         test=make(keep["test"]),
         context=context,
     )
+    if aggregate:
+        from probes.aggregate import aggregate_probe_data, volume_ids
+
+        data = aggregate_probe_data(data, volume_ids(fs), aggregate)
+    return data
 
 
 def check_same_test(a: ProbeData, b: ProbeData) -> None:

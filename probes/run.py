@@ -62,7 +62,7 @@ _THRESHOLD_METRICS = ("sensitivity", "specificity", "f1")
 # ---- shared plumbing ----
 
 
-def _load(cache, set_name, features, labels, uncertain, val_fraction, seed) -> ProbeData:
+def _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate=None) -> ProbeData:
     return load_probe_data(
         cache,
         set_name,
@@ -71,6 +71,7 @@ def _load(cache, set_name, features, labels, uncertain, val_fraction, seed) -> P
         uncertain=uncertain,
         val_fraction=val_fraction,
         seed=seed,
+        aggregate=aggregate,
     )
 
 
@@ -80,6 +81,8 @@ def _context(data: ProbeData, probe: str) -> dict[str, Any]:
     row = {k: c[k] for k in RESULT_FIELDS if k in c and c[k] is not None and k != "featcache_version"}
     row["probe"] = probe
     params = {"uncertain": c.get("uncertain"), "val_carved": bool(c.get("val_carved"))}
+    if c.get("aggregate"):
+        params.update(aggregate=c["aggregate"], n_slices=c.get("n_slices"))
     if c.get("val_carved"):
         params.update(val_fraction=c.get("val_fraction"), split_seed=c.get("split_seed"))
     if c.get("featcache_version"):
@@ -256,6 +259,7 @@ def run_knn(
     temperature: float = 0.07,
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
+    aggregate: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     val_fraction: float = 0.2,
@@ -271,6 +275,7 @@ def run_knn(
         temperature: softmax temperature of the votes.
         labels: label columns / class names to probe (None: all).
         uncertain: uncertain-label policy: ``ignore``, ``zeros`` or ``ones``.
+        aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         n_boot: bootstrap draws for the CIs.
         seed: bootstrap seed (and seed of a carved validation split).
         val_fraction: share of train patients carved into validation when the store has none.
@@ -279,7 +284,7 @@ def run_knn(
     Returns:
         The result rows (see the module docstring), ``probe = "knn"``, one block per k.
     """
-    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed)
+    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate)
     run = _context(data, "knn")
     ks = [int(v) for v in ([k] if np.isscalar(k) else k)]
     probe = KNNProbe(k=ks, temperature=temperature, task=data.task).fit(data.train.X, data.train.y)
@@ -371,6 +376,7 @@ def run_logreg(
     C_grid: Sequence[float] = DEFAULT_C_GRID,
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
+    aggregate: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     val_fraction: float = 0.2,
@@ -386,6 +392,7 @@ def run_logreg(
         C_grid: candidate C values.
         labels: label columns / class names (None: all).
         uncertain: uncertain-label policy.
+        aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         n_boot: bootstrap draws.
         seed: bootstrap seed (and seed of a carved validation split).
         val_fraction: share of train patients carved into validation when the store has none.
@@ -394,7 +401,7 @@ def run_logreg(
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
     """
-    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed)
+    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate)
     run = _context(data, "logreg")
     S_test, S_val, fitted, extra = _logreg_scores(data, C, C_grid)
     base = {"seed": int(seed), "n_train": len(data.train)}
@@ -583,6 +590,7 @@ def run_fewshot(
     features: str = "cls",
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
+    aggregate: str | None = None,
     C: float = 1.0,
     k: int = 20,
     temperature: float = 0.07,
@@ -607,6 +615,7 @@ def run_fewshot(
         features: features to probe.
         labels: label columns / class names (None: all).
         uncertain: uncertain-label policy.
+        aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         C: logreg head inverse regularisation.
         k: kNN head neighbours (capped at the support size).
         temperature: kNN / prototype temperature.
@@ -619,7 +628,7 @@ def run_fewshot(
         The result rows, ``probe = "fewshot"``.
     """
     # Few-shot tunes nothing, so there is no validation split to carve: the support pool is train + val.
-    pool = _pool(_load(cache, set_name, features, labels, uncertain, 0.0, 0))
+    pool = _pool(_load(cache, set_name, features, labels, uncertain, 0.0, 0, aggregate))
     run = _context(pool, "fewshot")
     given_shots = (1, 2, 4, 8, 16) if shots is None else ([shots] if np.isscalar(shots) else shots)
     shot_list = sorted({int(s) for s in given_shots})
@@ -792,6 +801,7 @@ def run_compare(
     features: str = "cls",
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
+    aggregate: str | None = None,
     k: int = 20,
     temperature: float = 0.07,
     C: float | None = None,
@@ -832,7 +842,7 @@ def run_compare(
         raise FeatcacheError(f"compare needs two feature sets A,B; got {sets}")
     if probe not in ("logreg", "knn"):
         raise FeatcacheError(f"unknown probe {probe!r} for compare: use logreg or knn")
-    data = [_load(cache, s, features, labels, uncertain, val_fraction, seed) for s in sets]
+    data = [_load(cache, s, features, labels, uncertain, val_fraction, seed, aggregate) for s in sets]
     check_same_test(data[0], data[1])
     scores = []
     for d in data:
