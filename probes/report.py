@@ -69,6 +69,8 @@ _METRIC_NAMES = {
     "f1": "F1",
     "dice": "Dice",
     "jaccard": "Jaccard",
+    "dice_jaccard_mean": "mean of Dice and Jaccard",
+    "hd95": "HD95 (px)",
 }
 _FIGSIZE = (6.4, 4.4)  # inches
 _DPI = 150  # so a plot is 960 x 660 pixels
