@@ -111,10 +111,12 @@ def _csv_list(value: str | None) -> tuple[str, ...]:
 )
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     help="Images per batch [default: 64 on CUDA, 16 on CPU; halves on GPU out-of-memory].",
 )
-@click.option("--workers", type=int, help="Decode worker processes [default: cores - 1, at most 8].")
+@click.option(
+    "--workers", type=click.IntRange(min=0), help="Decode worker processes [default: cores - 1, at most 8]."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option(
     "--dtype",
@@ -154,7 +156,7 @@ def extract(**kw) -> None:
 
     Example: featcache extract --model dinov3-vitb16 --res 512 --data nih.csv --root /data/nih --out cache/
     """
-    from featcache.extract import ExtractConfig
+    from featcache.extract import ExtractConfig, ExtractionInterrupted
     from featcache.extract import extract as run_extract
 
     quiet = kw.pop("quiet")
@@ -168,8 +170,9 @@ def extract(**kw) -> None:
     )  # fmt: skip
     try:
         r = run_extract(cfg, progress=not quiet)
-    except KeyboardInterrupt:  # pragma: no cover - extract turns Ctrl-C into ExtractionInterrupted
-        raise click.ClickException("interrupted; re-run the same command to resume") from None
+    except ExtractionInterrupted as e:  # Ctrl-C: finished shards are kept; 130 as shells report SIGINT
+        _echo_err(f"Interrupted: {e}")
+        sys.exit(130)
     done = r.n - r.failed - r.pending
     click.echo(
         f"{r.set_name}: {done}/{r.n} rows done, {r.failed} failed, {r.pending} pending "
@@ -645,7 +648,12 @@ def import_cmd(
     "--seed", default=0, show_default=True, type=int, help="Training, bootstrap and carved-val seed."
 )
 @click.option(
-    "--bootstrap", "n_boot", default=1000, show_default=True, type=int, help="Patient bootstrap draws."
+    "--bootstrap",
+    "n_boot",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Patient bootstrap draws.",
 )
 @click.option(
     "--val-fraction",
@@ -818,7 +826,7 @@ def _bootstrap_options(fn):
         "n_boot",
         default=1000,
         show_default=True,
-        type=int,
+        type=click.IntRange(min=1),
         help="Patient bootstrap draws for CIs.",
     )(fn)
     return click.option(

@@ -131,11 +131,24 @@ def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> 
 
 
 def _resolve_device(device: str) -> torch.device:
+    """The compute device; under torchrun (LOCAL_RANK set) ``auto``/``cuda`` mean this rank's own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FeatcacheError(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            )
+        if dev.index is None and "LOCAL_RANK" in os.environ:
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise FeatcacheError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s)")
+            torch.cuda.set_device(dev)
     return dev
 
 
@@ -335,6 +348,12 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     tokens = tuple(dict.fromkeys(("cls", "pooled", *cfg.tokens)))
     if cfg.patch_pool < 1:
         raise FeatcacheError("--patch-pool must be 1 or more")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise FeatcacheError(f"--batch-size {cfg.batch_size}: must be 1 or more")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise FeatcacheError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
+    if cfg.shard_rows is not None and cfg.shard_rows < 1:
+        raise FeatcacheError(f"--shard-size {cfg.shard_rows}: must be 1 or more")
     num_shards, shard_index = _worker_slice(cfg)
     manifest = read_manifest(cfg.data, cfg.root)  # validated before any model is loaded
     device = _resolve_device(cfg.device)
@@ -382,11 +401,11 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     fs = store.create_set(name, manifest, specs, attrs, shard_rows=cfg.shard_rows)
 
     with extraction_lock(fs, shard_index, num_shards):
+        mine = [s for s in range(fs.n_shards) if s % num_shards == shard_index]
         if cfg.retry_failed:
-            fs.reset_failed()
+            fs.reset_failed(shards=mine)  # only this worker's shards: others may be committing theirs
         status = fs.status
         done = fs.shard_done(status)
-        mine = [s for s in range(fs.n_shards) if s % num_shards == shard_index]
         todo = [s for s in mine if not done[s]]
         skipped = len(mine) - len(todo)
         batch_size = cfg.batch_size or (64 if device.type == "cuda" else 16)

@@ -164,6 +164,12 @@ def parse_manifest(
     dup_cols = sorted({h for h in header if header.count(h) > 1})
     if dup_cols:
         raise ManifestError(f"{source}: duplicate column names {dup_cols}; rename them")
+    bad_names = [h for h in header if not h or h == "meta_" or "/" in h]
+    if bad_names:
+        raise ManifestError(
+            f"{source}: column names {bad_names} are empty, a bare 'meta_' or contain '/'; "
+            "give every column a plain name (a trailing comma in the header makes an empty one)"
+        )
     if "path" not in header:
         raise ManifestError(
             f"{source}: no 'path' column (columns: {header}); name the image path column 'path'"

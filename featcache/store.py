@@ -479,14 +479,26 @@ class FeatureSet:
             status[i - start] = FAILED
         self.group["status"][start:stop] = status
 
-    def reset_failed(self) -> int:
-        """Mark failed rows pending again (their shards are redone by the next extraction); returns the count."""
-        status = self.status
-        bad = status == FAILED
-        if bad.any():
-            status[bad] = PENDING
-            self.group["status"][:] = status
-        return int(bad.sum())
+    def reset_failed(self, shards: list[int] | None = None) -> int:
+        """Mark failed rows pending again (their shards are redone by the next extraction).
+
+        Args:
+            shards: only these shards (default: all); each shard's status is rewritten on its own,
+                so workers resetting disjoint shards never undo each other's commits.
+
+        Returns:
+            The number of rows reset.
+        """
+        count = 0
+        for s in range(self.n_shards) if shards is None else shards:
+            lo, hi = self.shard_range(s)
+            status = np.asarray(self.group["status"][lo:hi])
+            bad = status == FAILED
+            if bad.any():
+                status[bad] = PENDING
+                self.group["status"][lo:hi] = status
+                count += int(bad.sum())
+        return count
 
     def update_attrs(self, **kv: Any) -> None:
         """Merge attributes into the set's provenance (single writer only)."""

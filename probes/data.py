@@ -152,7 +152,7 @@ def _targets(
     task = fs.task
     if task == "multilabel":
         names = fs.label_names
-        chosen = list(names) if labels is None else list(labels)
+        chosen = list(names) if labels is None else list(dict.fromkeys(labels))  # a label counts once
         unknown = [c for c in chosen if c not in names]
         if unknown or not chosen:
             raise FeatcacheError(
@@ -286,6 +286,14 @@ def load_probe_data(
         manifest_digest=attrs.get("manifest_digest"),
         featcache_version=attrs.get("versions", {}).get("featcache"),
     )
+    if fs.task == "multiclass":  # a class never seen in train would be scored by nothing
+        seen = np.bincount(Y[keep["train"]], minlength=len(chosen))
+        absent = [c for c, n in zip(chosen, seen) if n == 0]
+        if absent:
+            raise FeatcacheError(
+                f"{fs.name}: classes {absent} have no train rows, so no probe can learn them; "
+                f"add train rows or leave them out with --labels {','.join(c for c in chosen if c not in absent)}"
+            )
     data = ProbeData(
         task=fs.task,
         label_names=chosen,

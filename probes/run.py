@@ -120,6 +120,36 @@ def _fill_undefined(S: np.ndarray, fill: np.ndarray | float, width: int) -> np.n
     return S
 
 
+def _prevalence(Y: np.ndarray) -> np.ndarray:
+    """float [L] share of positives among the known train labels (0.5 where none is known)."""
+    known = ~np.isnan(Y)
+    pos = np.where(known, Y, 0).sum(axis=0)
+    n = known.sum(axis=0)
+    return np.where(n > 0, pos / np.maximum(n, 1), 0.5)
+
+
+def _learnable(data: ProbeData) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """bool [L] labels whose train rows hold both classes, and a ``skipped`` reason for the others.
+
+    Multi-class data (every class has train rows, checked at load time) is always learnable.
+    """
+    L = len(data.label_names)
+    if data.task != "multilabel":
+        return np.ones(L, bool), [{} for _ in range(L)]
+    Y = data.train.y
+    n_pos, n_neg = (Y == 1).sum(axis=0), (Y == 0).sum(axis=0)
+    ok = (n_pos > 0) & (n_neg > 0)
+    extra: list[dict[str, Any]] = [
+        {}
+        if ok[j]
+        else {
+            "params": {"skipped": f"train rows hold {int(n_pos[j])} positives and {int(n_neg[j])} negatives"}
+        }
+        for j in range(L)
+    ]
+    return ok, extra
+
+
 def _evaluate(
     data: ProbeData,
     S_test: np.ndarray,
@@ -290,16 +320,15 @@ def run_knn(
     probe = KNNProbe(k=ks, temperature=temperature, task=data.task).fit(data.train.X, data.train.y)
     S_test = probe.predict_scores(data.test.X)
     S_val = probe.predict_scores(data.val.X) if len(data.val) else None
-    prevalence = (
-        np.nan_to_num(np.nanmean(data.train.y, axis=0), nan=0.5) if data.task == "multilabel" else 0.0
-    )
+    prevalence = _prevalence(data.train.y) if data.task == "multilabel" else 0.0
     params = {**run["params"], "temperature": float(temperature)}
+    learnable, extra = _learnable(data)  # a label without both classes in train gets no score, not 0.5
     entries = []
     for kk in ks:
         St = _fill_undefined(S_test[kk], prevalence, len(data.label_names))
         Sv = _fill_undefined(S_val[kk], prevalence, len(data.label_names)) if S_val is not None else None
         base = {"k": kk, "seed": int(seed), "n_train": len(data.train)}
-        entries += _evaluate(data, St, Sv, base, params, n_boot, seed)
+        entries += _evaluate(data, St, Sv, base, params, n_boot, seed, fitted=learnable, label_extra=extra)
     return _finish(entries, run, out)
 
 
@@ -848,9 +877,9 @@ def run_compare(
     for d in data:
         if probe == "knn":
             knn = KNNProbe(k=[int(k)], temperature=temperature, task=d.task).fit(d.train.X, d.train.y)
-            fill = np.nan_to_num(np.nanmean(d.train.y, axis=0), nan=0.5) if d.task == "multilabel" else 0.0
+            fill = _prevalence(d.train.y) if d.task == "multilabel" else 0.0
             s = _fill_undefined(knn.predict_scores(d.test.X)[int(k)], fill, len(d.label_names))
-            fitted = np.ones(len(d.label_names), bool)
+            fitted = _learnable(d)[0]
         else:
             s, _, fitted, _ = _logreg_scores(d, C, C_grid)
         scores.append((s, fitted))

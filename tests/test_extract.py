@@ -247,3 +247,24 @@ def test_out_of_memory_halves_the_micro_batch(tmp_path, monkeypatch):
     a = FeatureStore(tmp_path / "ref").open_set(ref.set_name).read("cls")
     b = FeatureStore(tmp_path / "oom").open_set(r.set_name).read("cls")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_the_command_line_exits_130_and_resumes(tmp_path):
+    manifest = _dataset(tmp_path, n=40)
+    store = tmp_path / "cache"
+    cmd = [
+        sys.executable, "-c", "from cli import featcache; featcache()", "extract", "--model", "random:dinov3-vits16",
+        "--res", "32", "--data", str(manifest), "--out", str(store), "--workers", "0", "--batch-size", "1",
+        "--shard-size", "2", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    _wait_ok_rows(store, 4, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "Interrupted:" in err and "Traceback" not in err
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "40/40 rows done" in done.stdout

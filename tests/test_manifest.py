@@ -97,3 +97,11 @@ def test_write_manifest_round_trip(tmp_path):
     m = read_manifest(write_manifest(tmp_path / "w.csv", cols))
     np.testing.assert_array_equal(m.labels[:, 0], [1.0, np.nan])
     assert m.splits.tolist() == ["train", "test"]
+
+
+@pytest.mark.parametrize("header", ["path,effusion,", "path,meta_", "path,meta_site/a"])
+def test_bad_column_names(tmp_path, header):
+    _files(tmp_path, ["a.png"])
+    values = ",".join(["a.png"] + [""] * (header.count(",")))
+    with pytest.raises(ManifestError, match="column names"):
+        read_manifest(_csv(tmp_path / "m.csv", f"{header}\n{values}\n"))

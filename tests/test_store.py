@@ -81,6 +81,9 @@ def test_failures_and_retry(tmp_path, manifest):
     assert not fs.read("cls", slice(4, 10)).any()  # unwritten shards read as zeros
     assert fs.failures() == [{"index": 2, "id": "2.png", "reason": "2.png: truncated file"}]
     assert fs.shard_done().tolist() == [True, False, False]
+    fs.write_shard(1, zeros, {5: "5.png: truncated file"})
+    assert fs.reset_failed(shards=[1]) == 1  # a worker resets only its own shards
+    assert fs.status[:8].tolist() == [OK, OK, FAILED, OK, OK, PENDING, OK, OK]
     assert fs.reset_failed() == 1 and fs.shard_done().tolist() == [False, False, False]
 
 
