@@ -183,7 +183,7 @@ class FeatureStore:
             attrs: provenance attributes. The keys in ``attrs["config"]`` are the settings that
                 define the set's content (model, weights, resolution, preprocessing, tokens...);
                 reopening with different ones is refused.
-            shard_rows: rows per shard (default: ``default_shard_rows(arrays)``).
+            shard_rows: rows per shard (default: ``default_shard_rows(arrays)``; at most N).
 
         Returns:
             The (new or existing) ``FeatureSet``.
@@ -200,10 +200,11 @@ class FeatureStore:
             fs = self.open_set(name)
             fs._check_compatible(digest, config, arrays)
             return fs
+        n = len(manifest)
         shard_rows = int(shard_rows or default_shard_rows(arrays))
         if shard_rows <= 0:
             raise StoreError("shard rows must be positive")
-        n = len(manifest)
+        shard_rows = min(shard_rows, max(1, n))  # edge chunks are stored full size: no padding past N
         try:
             g = self.root.create_group(name)
         except Exception:  # another worker created it first: wait until it is ready, then check it
