@@ -201,3 +201,11 @@ def test_verify_reports_problems(tmp_path, manifest):
     assert any("'cls' has NaN or Inf in 1 rows" in p for p in problems)
     fs.group["labels"][0, 0] = 0.0  # tampering with the stored manifest is detected
     assert any("manifest digest" in p for p in FeatureStore(tmp_path / "c").open_set("s").verify())
+
+
+def test_small_sets_are_not_padded_to_a_full_shard(tmp_path, manifest):
+    fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, {"cls": ArraySpec((768,))}, {})
+    assert fs.shard_rows == 10  # not the 4096 rows a large set would get
+    fs.write_shard(0, {"cls": np.ones((10, 768), np.float32)}, {})
+    raw, stored = fs.bytes_per_row()["cls"]
+    assert stored == pytest.approx(raw, rel=0.01)
