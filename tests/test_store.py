@@ -208,4 +208,4 @@ def test_small_sets_are_not_padded_to_a_full_shard(tmp_path, manifest):
     assert fs.shard_rows == 10  # not the 4096 rows a large set would get
     fs.write_shard(0, {"cls": np.ones((10, 768), np.float32)}, {})
     raw, stored = fs.bytes_per_row()["cls"]
-    assert stored == pytest.approx(raw, rel=0.01)
+    assert stored == pytest.approx(raw, rel=0.05)  # plus the array metadata document
