@@ -218,7 +218,15 @@ def _open_source(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
                 f"{path}: not a readable .npz file ({e}); pass --format h5 for HDF5 files"
             ) from None
         with data:
-            found = {k: data[k] for k in data.files}
+            found = {}
+            for k in data.files:
+                try:
+                    found[k] = data[k]
+                except ValueError:  # object arrays need pickle, which is never enabled on a foreign file
+                    raise FeatcacheError(
+                        f"{path}: array '{k}' is stored as Python objects (pickle), which is not loaded for "
+                        f"safety; save it as strings, e.g. np.savez(..., {k}=ids.astype(str))"
+                    ) from None
             found["__attrs__"] = {}
             if "attrs_json" in found:
                 found["__attrs__"]["attrs_json"] = str(found["attrs_json"])

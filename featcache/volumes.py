@@ -118,7 +118,12 @@ class Window:
         """
         if self.kind == "fixed":
             return self.level - self.width / 2, self.level + self.width / 2
-        lo, hi = (float(v) for v in np.percentile(data, [self.low, self.high]))
+        finite = data[
+            np.isfinite(data)
+        ]  # NaN voxels (masked or registered MR, PET) must not blank the window
+        if not finite.size:
+            raise FeatcacheError("the volume holds no finite intensity (all voxels NaN or Inf)")
+        lo, hi = (float(v) for v in np.percentile(finite, [self.low, self.high]))
         return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
     def describe(self) -> str:
@@ -182,9 +187,10 @@ def apply_window(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
         hi: intensity mapped to 65535 (> lo).
 
     Returns:
-        uint16 array of the same shape (rounded to nearest).
+        uint16 array of the same shape (rounded to nearest); NaN maps to 0, +Inf to 65535.
     """
     scaled = (np.asarray(data, dtype=np.float64) - lo) / (hi - lo)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)  # NaN voxels become background
     return np.round(np.clip(scaled, 0.0, 1.0) * 65535.0).astype(np.uint16)
 
 

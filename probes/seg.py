@@ -48,6 +48,7 @@ always read and scored one shard at a time.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -625,7 +626,11 @@ def _seg_context(fs: FeatureSet, features: str) -> dict[str, Any]:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "row"
+    """A file name for a row id; ids that had to be changed get a hash suffix so two never collide."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "row"
+    if safe != text:
+        safe += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return safe
 
 
 def _save_mask(folder: Path, row_id: str, label_map: np.ndarray, n_structures: int) -> None:

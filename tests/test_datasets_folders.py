@@ -144,3 +144,13 @@ def test_medmnist_multilabel_and_cli(tmp_path):
     np.savez(bad, train_images=np.zeros((2, 4, 4, 4), np.uint8), train_labels=np.zeros((2, 1), np.uint8))
     r = CliRunner().invoke(cli.featcache, ["manifest", "medmnist", "--root", str(bad), "--out", str(out)])
     assert r.exit_code == 1 and "only 2D MedMNIST" in r.output and "Traceback" not in r.output
+
+
+def test_class_folders_keep_images_with_the_same_name_in_subfolders(tmp_path):
+    from featcache.datasets import folder
+
+    for rel in ("cat/p1/img1.png", "cat/p2/img1.png", "dog/img1.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / rel)
+    m = folder.build(tmp_path)
+    assert sorted(m.columns["path"]) == ["cat/p1/img1.png", "cat/p2/img1.png", "dog/img1.png"]

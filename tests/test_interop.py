@@ -210,3 +210,15 @@ def test_cli_export_import(tmp_path, store, manifest_csv):
     )
     r = CliRunner().invoke(cli.featcache, [*args, "--features-key", "nope"])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "Traceback" not in r.output
+
+
+def test_npz_with_object_ids_is_a_clear_error(tmp_path):
+    from featcache.errors import FeatcacheError
+    from featcache.interop import import_h5
+    from featcache.manifest import write_manifest
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    write_manifest(tmp_path / "m.csv", {"path": ["a.png"]})
+    np.savez(tmp_path / "f.npz", features=np.zeros((1, 4), np.float32), ids=np.array(["a.png"], dtype=object))
+    with pytest.raises(FeatcacheError, match=r"array 'ids' is stored as Python objects.*astype\(str\)"):
+        import_h5(tmp_path / "f.npz", tmp_path / "cache", "x/y/1", manifest=tmp_path / "m.csv", format="npz")

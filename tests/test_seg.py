@@ -329,3 +329,10 @@ def test_hannover_lung_masks_conv_head_beats_mean_mask(shared_data, tmp_path):
     assert seg > base + 0.03, (seg, base)
     hd = {r["probe"]: r["value"] for r in rows if r["label"] == "mean" and r["metric"] == "hd95"}
     assert hd["seg"] < hd["seg-baseline"]
+
+
+def test_saved_mask_names_never_collide():
+    from probes.seg import _safe_name
+
+    names = {_safe_name(x) for x in ("a/b", "a_b", "a:b", "é", "ü", "plain-id.1")}
+    assert len(names) == 6 and _safe_name("plain-id.1") == "plain-id.1"

@@ -304,3 +304,15 @@ def test_manifest_problems_are_named(tmp_path, shared_data):
         read_label_volume(
             tmp_path / "bad_label.nii.gz", read_volume(shared_data / "volumes" / "anatomical.nii")
         )
+
+
+def test_nan_voxels_do_not_blank_the_percentile_window():
+    from featcache.volumes import apply_window, parse_window
+
+    vol = np.arange(16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
+    vol[0, 0, :] = np.nan
+    lo, hi = parse_window("percentile").bounds(vol)
+    finite = vol[np.isfinite(vol)]
+    np.testing.assert_allclose((lo, hi), np.percentile(finite.astype(np.float64), [1, 99]), rtol=1e-6)
+    out = apply_window(vol, lo, hi)
+    assert out[0, 0, 0] == 0 and out.max() == 65535

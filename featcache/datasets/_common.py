@@ -128,10 +128,12 @@ def index_files(
     Args:
         root: folder to walk.
         extensions: file name endings to keep (lower case).
-        key: ``name`` (file name) or ``stem`` (file name without extension).
+        key: ``name`` (file name), ``stem`` (file name without extension) or ``path`` (the relative path
+            itself: every file is kept, for layouts where names repeat across subfolders).
 
     Returns:
-        key -> relative POSIX path; the first path in sorted walk order wins a duplicate key.
+        key -> relative POSIX path; with ``name``/``stem`` the first path in sorted walk order wins a
+        duplicate key.
     """
     found: dict[str, str] = {}
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -139,9 +141,10 @@ def index_files(
         rel = os.path.relpath(folder, root)
         for f in sorted(files):
             if f.lower().endswith(extensions):
-                k = f if key == "name" else os.path.splitext(f)[0]
+                path = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                k = {"name": f, "stem": os.path.splitext(f)[0], "path": path}[key]
                 if k not in found:
-                    found[k] = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                    found[k] = path
     return found
 
 

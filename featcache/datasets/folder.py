@@ -43,7 +43,7 @@ def build(root: str | Path, *, check_files: bool = True) -> DatasetManifest:
     paths, splits, classes = [], [], []
     for split, folder in layout:
         for cls in _classes(folder):
-            for rel in sorted(index_files(cls, extensions=IMAGE_EXTENSIONS).values()):
+            for rel in sorted(index_files(cls, extensions=IMAGE_EXTENSIONS, key="path").values()):
                 paths.append((cls / rel).relative_to(root).as_posix())
                 splits.append(split)
                 classes.append(cls.name)

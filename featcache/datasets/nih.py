@@ -20,6 +20,7 @@ Columns: the 15 labels of ``vocabulary.LABEL_MAP["nih"]``, ``meta_view`` (PA/AP)
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,10 @@ def _image_index(root: Path) -> dict[str, str]:
 
 
 def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    return {line.strip() for line in raw.decode("utf-8-sig").splitlines() if line.strip()}
 
 
 def build(
