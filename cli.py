@@ -853,6 +853,19 @@ def _echo_written(rows: list[dict], out: str | None) -> None:
         click.echo(f"{len(rows)} rows (not saved: pass --out results.jsonl)")
 
 
+def _echo_notes(rows: list[dict]) -> None:
+    """Why a label has no value or no CI (skipped labels, too few test patients), once per label."""
+    seen = set()
+    for r in rows:
+        if r.get("metric") not in ("auroc", "auroc_diff") or r.get("shots") is not None:
+            continue
+        for key in ("skipped", "ci"):
+            why = (r.get("params") or {}).get(key)
+            if why and (r["label"], why) not in seen:
+                seen.add((r["label"], why))
+                click.echo(f"note: {r['label']}: {'no result, ' if key == 'skipped' else ''}{why}")
+
+
 def _echo_header(rows: list[dict], what: str) -> None:
     r = next((r for r in rows if r.get("label") == "mean"), rows[0])
     click.echo(
@@ -888,6 +901,7 @@ def knn(
     for r in rows:
         if r["label"] == "mean" and r["metric"] == "auroc":
             click.echo(f"{r['k']:>5}  {_fmt_ci(r)}")
+    _echo_notes(rows)
     _echo_written(rows, out)
 
 
@@ -918,6 +932,7 @@ def logreg(
         if r["metric"] == "auroc":
             c = f"{r['C']:g}" if r.get("C") is not None else "-"
             click.echo(f"{r['label']:24} {c:>8}  {_fmt_ci(r)}")
+    _echo_notes(rows)
     _echo_written(rows, out)
 
 
@@ -981,6 +996,11 @@ def fewshot(
     }
     for (lab, s), why in sorted(skipped.items()):
         click.echo(f"no result for {lab} at {s} shots: {why}")
+    left = next((r["params"].get("labels_not_at_every_shots") for r in rows if r["label"] == "mean"), None)
+    if left:
+        click.echo(
+            f"the mean over labels leaves out {', '.join(left)} at every shots, so shots are comparable"
+        )
     saved = episodes_out or (episodes_path(out) if out and not episodes_from else None)
     if saved:
         click.echo(f"episodes saved to {saved}")
@@ -1024,6 +1044,7 @@ def compare(
         ph = f"{r['p_holm']:.3g}" if r.get("p_holm") is not None else "-"
         click.echo(f"{r['label']:24} {_fmt_ci(r):28} {p:>8} {ph:>9}")
     click.echo("p: DeLong per label, paired bootstrap for the mean")
+    _echo_notes(rows)
     _echo_written(rows, out)
 
 

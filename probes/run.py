@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
+MIN_CI_PATIENTS = 2  # positive and negative test patients a label needs for a bootstrap CI
 _THRESHOLD_METRICS = ("sensitivity", "specificity", "f1")
 
 
@@ -188,12 +189,17 @@ def _evaluate(
     auc = np.full(L, np.nan)
     auc[fitted] = metrics.auroc_per_label(Y[:, fitted], S[:, fitted])
     defined = ~np.isnan(auc)
+    # a patient-level CI needs patients on both sides: with one positive patient every draw either
+    # repeats that patient or drops the label, and the interval would look far tighter than it is
+    pos_pat = np.array([len(np.unique(patients[Y[:, j] == 1])) for j in range(L)])
+    neg_pat = np.array([len(np.unique(patients[Y[:, j] == 0])) for j in range(L)])
+    with_ci = defined & (pos_pat >= MIN_CI_PATIENTS) & (neg_pat >= MIN_CI_PATIENTS)
     low = np.full(L, np.nan)
     high = np.full(L, np.nan)
     skipped = np.zeros(L, int)
-    if defined.any():
-        ci = bootstrap_ci(metrics.auroc_per_label, Y[:, defined], S[:, defined], patients, n_boot, seed)
-        low[defined], high[defined], skipped[defined] = ci.low, ci.high, ci.n_skipped
+    if with_ci.any():
+        ci = bootstrap_ci(metrics.auroc_per_label, Y[:, with_ci], S[:, with_ci], patients, n_boot, seed)
+        low[with_ci], high[with_ci], skipped[with_ci] = ci.low, ci.high, ci.n_skipped
     entries: list[dict[str, Any]] = []
 
     def entry(label: str, metric: str, value, extra: dict | None = None, **fields) -> None:
@@ -209,11 +215,16 @@ def _evaluate(
             "n_test": int(known.sum()),
             "n_patients_test": int(len(np.unique(patients[known]))),
         }
-        ci_fields = (
+        ci_fields: dict[str, Any] = (
             {"ci_low": low[j], "ci_high": high[j], "n_boot": n_boot, "n_boot_skipped": int(skipped[j])}
-            if defined[j]
+            if with_ci[j]
             else {}
         )
+        if defined[j] and not with_ci[j]:
+            ci_fields["params"] = {
+                "ci": f"not computed: {pos_pat[j]} positive and {neg_pat[j]} negative patients in test "
+                f"(a CI needs {MIN_CI_PATIENTS} of each)"
+            }
         entry(name, "auroc", _finite(auc[j]), label_extra[j], **counts, **ci_fields)
         if not fitted[j]:
             for m in _THRESHOLD_METRICS:
@@ -316,12 +327,15 @@ def run_knn(
     """
     data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate)
     run = _context(data, "knn")
-    ks = [int(v) for v in ([k] if np.isscalar(k) else k)]
+    asked = [int(v) for v in ([k] if np.isscalar(k) else k)]
+    ks = sorted({min(v, len(data.train)) for v in asked})  # k above the train size is that size, said once
     probe = KNNProbe(k=ks, temperature=temperature, task=data.task).fit(data.train.X, data.train.y)
     S_test = probe.predict_scores(data.test.X)
     S_val = probe.predict_scores(data.val.X) if len(data.val) else None
     prevalence = _prevalence(data.train.y) if data.task == "multilabel" else 0.0
     params = {**run["params"], "temperature": float(temperature)}
+    if ks != sorted(set(asked)):
+        params["k_requested"] = sorted(set(asked))
     learnable, extra = _learnable(data)  # a label without both classes in train gets no score, not 0.5
     entries = []
     for kk in ks:
@@ -778,6 +792,10 @@ def _fewshot_entries(data, episodes, S, shot_list, seed_list, skipped, head, par
         values = metrics.auroc_rows(Y[known, j], S[idx][:, known])
         for i, v in zip(idx, values):
             auc[(episodes[i].shots, episodes[i].seed, j)] = float(v)
+    # the mean over labels must average the same labels at every K, or the curve mixes label sets:
+    # a label that is skipped at some K (too few patients) is left out of the mean at every K
+    everywhere = [j for j in range(len(names)) if all((kk, j) not in skipped for kk in shot_list)]
+    left_out = [names[j] for j in range(len(names)) if j not in everywhere]
     for kk in shot_list:
         for seed in seed_list:
             base = {"shots": kk, "seed": seed, "head": head, "n_train": 2 * kk}
@@ -792,7 +810,7 @@ def _fewshot_entries(data, episodes, S, shot_list, seed_list, skipped, head, par
                     )
                     continue
                 v = auc.get((kk, seed, j), float("nan"))
-                if math.isfinite(v):
+                if math.isfinite(v) and j in everywhere:
                     in_mean.append(j)
                 entries.append(
                     {
@@ -813,7 +831,11 @@ def _fewshot_entries(data, episodes, S, shot_list, seed_list, skipped, head, par
                     "label": "mean",
                     "metric": "auroc",
                     "value": mean,
-                    "params": {**params, "labels_in_mean": [names[j] for j in in_mean]},
+                    "params": {
+                        **params,
+                        "labels_in_mean": [names[j] for j in in_mean],
+                        **({"labels_not_at_every_shots": left_out} if left_out else {}),
+                    },
                 }
             )
     return entries
@@ -911,6 +933,23 @@ def run_compare(
             )
             continue
         y, sa, sb = Y[known, j], Sa[known, j], Sb[known, j]
+        n_pos = len(np.unique(patients[known][y == 1]))
+        n_neg = len(np.unique(patients[known][y == 0]))
+        if min(n_pos, n_neg) < MIN_CI_PATIENTS:  # no honest CI or test from one patient on a side
+            reason = (
+                f"no CI or p-value: {n_pos} positive and {n_neg} negative patients in test "
+                f"(needs {MIN_CI_PATIENTS} of each)"
+            )
+            rows_label.append(
+                {
+                    **base,
+                    **counts,
+                    "label": name,
+                    "value": float(auc_a[j] - auc_b[j]),
+                    "params": {**params, "auroc_a": auc_a[j], "auroc_b": auc_b[j], "ci": reason},
+                }
+            )
+            continue
         pb = paired_bootstrap(metrics.auroc, y, sa, sb, patients[known], n_boot, seed)
         dl = delong(y, sa, sb)
         p_delong[j] = dl.p
@@ -936,7 +975,7 @@ def run_compare(
         )
     adjusted = holm(p_delong)
     for j, row in enumerate(rows_label):
-        if defined[j]:
+        if defined[j] and not np.isnan(p_delong[j]):
             row["p_holm"] = _finite(adjusted[j])
     entries = list(rows_label)
     mean_fields = {"n_test": len(a.test), "n_patients_test": int(len(np.unique(patients)))}

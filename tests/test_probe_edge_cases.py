@@ -73,3 +73,47 @@ def test_repeated_labels_count_once(tmp_path):
 def test_bad_counts_are_usage_errors(tmp_path, opt):
     r = CliRunner().invoke(probes, ["knn", "--cache", str(tmp_path), *opt])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def _one_positive_patient_store(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 40
+    split = np.array(["train"] * 24 + ["val"] * 6 + ["test"] * 10)
+    eff = (np.arange(n) % 2).astype(float)
+    mass = np.zeros(n)
+    mass[[0, 2, 4, 6, 8, 10, 12, 35]] = 1  # 7 positive train patients, one in test (row 35)
+    X = rng.normal(size=(n, 4)).astype(np.float32)
+    X[:, 0] += 3 * eff
+    X[:, 1] += 3 * mass
+    return _store(tmp_path, {"split": split, "effusion": eff, "mass": mass}, X)
+
+
+def test_no_ci_from_a_single_positive_test_patient(tmp_path):
+    cache = _one_positive_patient_store(tmp_path)
+    rows = run_knn(cache, k=(5,), n_boot=50)
+    auc = {r["label"]: r for r in rows if r["metric"] == "auroc"}
+    assert auc["mass"]["value"] is not None and auc["mass"].get("ci_low") is None
+    assert "1 positive and 9 negative patients" in auc["mass"]["params"]["ci"]
+    assert auc["effusion"]["ci_low"] is not None and auc["mean"]["ci_low"] is not None
+    r = CliRunner().invoke(probes, ["knn", "--cache", str(cache), "--k", "5", "--bootstrap", "50"])
+    assert r.exit_code == 0 and "note: mass: not computed: 1 positive" in r.output
+
+
+def test_fewshot_mean_uses_the_same_labels_at_every_shots(tmp_path):
+    from probes.run import run_fewshot
+
+    cache = _one_positive_patient_store(tmp_path)  # 7 positive train+val patients for mass
+    rows = run_fewshot(cache, shots=[2, 8], seeds=2)
+    means = [r for r in rows if r["label"] == "mean" and r["metric"] == "auroc"]
+    assert {tuple(r["params"]["labels_in_mean"]) for r in means} == {("effusion",)}
+    assert all(r["params"]["labels_not_at_every_shots"] == ["mass"] for r in means)
+
+
+def test_k_larger_than_train_is_capped_once(tmp_path):
+    rng = np.random.default_rng(3)
+    eff = (np.arange(30) % 2).astype(float)
+    split = np.array(["train"] * 12 + ["val"] * 6 + ["test"] * 12)
+    cache = _store(tmp_path, {"split": split, "effusion": eff}, rng.normal(size=(30, 3)).astype(np.float32))
+    rows = run_knn(cache, k=(5, 50, 500), n_boot=10)
+    ks = sorted({r["k"] for r in rows})
+    assert ks == [5, 12] and rows[0]["params"]["k_requested"] == [5, 50, 500]
