@@ -319,6 +319,8 @@ def _series(rows, x_field: str, by, metric, label, probe, where):
         raise FeatcacheError(
             f"no result rows with a numeric {x_field!r} for metric={metric!r}, label={label!r}"
         )
+    if "dataset" not in by and len({r.get("dataset") for r in runs}) > 1:
+        by = (*by, "dataset")  # never join points of different datasets into one curve
     points: dict[tuple, dict[float, list[dict]]] = {}
     for r in runs:
         points.setdefault(tuple(r.get(f) for f in by), {}).setdefault(r[x_field], []).append(r)

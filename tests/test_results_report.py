@@ -241,3 +241,13 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(FeatcacheError, match=r"pip install featcache\[plot\]"):
         R.plot_fewshot(_fewshot_rows(), tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_curves_never_join_two_datasets():
+    rows = [
+        _row(model="a", dataset="nih", res=112, value=0.5),
+        _row(model="a", dataset="pmn", res=64, value=0.9),
+    ]
+    series, _ = R._series(rows, "res", ("model",), "auroc", "mean", None, None)
+    assert sorted(series) == [("a", "nih"), ("a", "pmn")]
+    assert all(len(points) == 1 for points in series.values())
