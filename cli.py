@@ -174,6 +174,10 @@ def extract(**kw) -> None:
         _echo_err(f"Interrupted: {e}")
         sys.exit(130)
     done = r.n - r.failed - r.pending
+    if r.manifest_replaced:
+        click.echo(
+            f"{r.set_name}: same images, new splits/labels/metadata taken from the manifest (features kept)"
+        )
     click.echo(
         f"{r.set_name}: {done}/{r.n} rows done, {r.failed} failed, {r.pending} pending "
         f"({r.processed} processed in {r.seconds:.1f} s, {r.images_per_s:.1f} img/s; {r.shards_skipped} shards already done)"

@@ -105,6 +105,8 @@ class ExtractResult:
         seconds: wall time of the pass.
         batch_size: the micro-batch size in use at the end.
         failures: the failed rows (index, id, reason), at most 20.
+        manifest_replaced: the set existed with the same images and took the manifest's new
+            patients, splits, labels or metadata (no re-embedding).
     """
 
     set_name: str
@@ -116,6 +118,7 @@ class ExtractResult:
     seconds: float
     batch_size: int
     failures: list[dict[str, Any]] = field(default_factory=list)
+    manifest_replaced: bool = False
 
     @property
     def images_per_s(self) -> float:
@@ -493,6 +496,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         seconds=seconds,
         batch_size=micro,
         failures=failures[:20],
+        manifest_replaced=fs.manifest_replaced,
     )
 
 

@@ -79,6 +79,10 @@ class Manifest:
         """Absolute path of row ``i``'s image."""
         return self.root / self.paths[i]
 
+    def rows_digest(self) -> str:
+        """SHA-256 of what defines the images (ids and paths, in order): equal digests, same features."""
+        return hashlib.sha256(json.dumps([self.ids.tolist(), self.paths.tolist()]).encode()).hexdigest()
+
     def digest(self) -> str:
         """SHA-256 of the manifest's content (not its formatting): ids, paths, patients, splits, labels."""
         h = hashlib.sha256()

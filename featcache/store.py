@@ -198,6 +198,12 @@ class FeatureStore:
         config = attrs.get("config", {})
         if self.has_set(name):
             fs = self.open_set(name)
+            if (
+                fs.attrs.get("manifest_digest") != digest
+                and fs.attrs.get("rows_digest") == manifest.rows_digest()
+            ):
+                fs.replace_manifest(manifest)  # same images, new splits/labels/metadata: features stay valid
+                fs.manifest_replaced = True
             fs._check_compatible(digest, config, arrays)
             return fs
         n = len(manifest)
@@ -209,21 +215,9 @@ class FeatureStore:
             g = self.root.create_group(name)
         except Exception:  # another worker created it first: wait until it is ready, then check it
             return self._wait_for_set(name, digest, config, arrays)
-        _write_column(g, "ids", manifest.ids, shard_rows)
-        _write_column(g, "patient_ids", manifest.patient_ids, shard_rows)
-        _write_column(g, "splits", manifest.splits, shard_rows)
-        _write_column(g, "paths", manifest.paths, shard_rows)
-        if manifest.masks is not None:
-            _write_column(g, "masks", manifest.masks, shard_rows)
-        if manifest.classes is not None:
-            _write_column(g, "classes", manifest.classes, shard_rows)
-        if manifest.label_names:
-            a = g.create_array(
-                "labels", shape=manifest.labels.shape, dtype="float32", chunks=manifest.labels.shape
-            )
-            a[:] = manifest.labels
-        for key, values in manifest.meta.items():
-            _write_column(g, f"meta/{key[len('meta_') :]}", values, shard_rows)
+        _write_column(g, "ids", manifest.ids)
+        _write_column(g, "paths", manifest.paths)
+        _write_manifest_columns(g, manifest)
         for key, spec in arrays.items():
             _create_feature_array(g, key, n, spec, shard_rows)
         g.create_array("status", shape=(n,), dtype="uint8", chunks=(shard_rows,), fill_value=PENDING)
@@ -235,11 +229,8 @@ class FeatureStore:
                 "n": n,
                 "shard_rows": shard_rows,
                 "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in arrays.items()},
-                "label_names": list(manifest.label_names),
-                "task": manifest.task,
-                "root": str(manifest.root),
-                "manifest": manifest.source,
-                "manifest_digest": digest,
+                **_manifest_attrs(manifest),
+                "rows_digest": manifest.rows_digest(),
                 "created": now,
                 "format_version": FORMAT_VERSION,
                 SET_MARKER: True,  # last: a set is visible only once complete
@@ -264,10 +255,45 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _write_column(g: zarr.Group, key: str, values: np.ndarray, shard_rows: int) -> None:
-    a = g.create_array(key, shape=values.shape, dtype=str, chunks=(max(1, min(len(values), 65536)),))
+def _write_column(g: zarr.Group, key: str, values: np.ndarray) -> None:
+    a = g.create_array(
+        key, shape=values.shape, dtype=str, chunks=(max(1, min(len(values), 65536)),), overwrite=True
+    )
     if len(values):
         a[:] = values.astype(str)
+
+
+_MANIFEST_COLUMNS = ("patient_ids", "splits", "masks", "classes", "labels", "meta")
+
+
+def _write_manifest_columns(g: zarr.Group, manifest: Manifest) -> None:
+    """(Re)write the manifest columns that do not define the images: patients, splits, labels, masks, meta."""
+    for key in _MANIFEST_COLUMNS:
+        if key in g:
+            del g[key]
+    _write_column(g, "patient_ids", manifest.patient_ids)
+    _write_column(g, "splits", manifest.splits)
+    if manifest.masks is not None:
+        _write_column(g, "masks", manifest.masks)
+    if manifest.classes is not None:
+        _write_column(g, "classes", manifest.classes)
+    if manifest.label_names:
+        a = g.create_array(
+            "labels", shape=manifest.labels.shape, dtype="float32", chunks=manifest.labels.shape
+        )
+        a[:] = manifest.labels
+    for key, values in manifest.meta.items():
+        _write_column(g, f"meta/{key[len('meta_') :]}", values)
+
+
+def _manifest_attrs(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "label_names": list(manifest.label_names),
+        "task": manifest.task,
+        "root": str(manifest.root),
+        "manifest": manifest.source,
+        "manifest_digest": manifest.digest(),
+    }
 
 
 def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shard_rows: int) -> None:
@@ -314,6 +340,7 @@ class FeatureSet:
         self.n = int(self.attrs["n"])
         self.shard_rows = int(self.attrs["shard_rows"])
         self._cache: dict[str, np.ndarray] = {}
+        self.manifest_replaced = False  # set by FeatureStore.create_set when it took new manifest columns
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.store.url!r}, {self.name!r}, n={self.n})"
@@ -500,6 +527,20 @@ class FeatureSet:
                 self.group["status"][lo:hi] = status
                 count += int(bad.sum())
         return count
+
+    def replace_manifest(self, manifest: Manifest) -> None:
+        """Take new patients, splits, labels, masks and metadata for the same images (ids and paths).
+
+        Re-splitting or relabelling a dataset then costs no re-embedding; the features are untouched.
+
+        Raises:
+            StoreError: the manifest lists other images (ids or paths differ).
+        """
+        if self.attrs.get("rows_digest") != manifest.rows_digest():
+            raise StoreError(f"{self.name}: the manifest lists other images; extract them into another set")
+        _write_manifest_columns(self.group, manifest)
+        self.update_attrs(**_manifest_attrs(manifest), manifest_updated=_now())
+        self._cache.clear()
 
     def update_attrs(self, **kv: Any) -> None:
         """Merge attributes into the set's provenance (single writer only)."""

@@ -149,3 +149,12 @@ def test_every_command_has_help_with_example(group):
         assert cmd.help and "Example:" in cmd.help, f"{path} has no Example in its help"
         r = CliRunner().invoke(group, [*path.split()[1:], "--help"])
         assert r.exit_code == 0 and "Example:" in r.output, path
+
+
+def test_resplit_manifest_reuses_the_features(data, tmp_path):
+    assert _extract(data, tmp_path).exit_code == 0
+    text = data.read_text().replace("val", "test")
+    data.write_text(text)
+    r = _extract(data, tmp_path)
+    assert r.exit_code == 0 and "features kept" in r.output and "0 processed" in r.output
+    assert FeatureStore(tmp_path / "cache").open_set().splits.tolist().count("test") == 4

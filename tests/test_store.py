@@ -209,3 +209,24 @@ def test_small_sets_are_not_padded_to_a_full_shard(tmp_path, manifest):
     fs.write_shard(0, {"cls": np.ones((10, 768), np.float32)}, {})
     raw, stored = fs.bytes_per_row()["cls"]
     assert stored == pytest.approx(raw, rel=0.05)  # plus the array metadata document
+
+
+def test_new_splits_and_labels_for_the_same_images_need_no_re_embedding(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "c", mode="a")
+    fs = store.create_set("s", manifest, SPECS, {"config": {"model": "a"}}, shard_rows=4)
+    truth = _fill(fs, np.random.default_rng(0))
+    cols = {
+        "path": manifest.paths.tolist(),
+        "patient_id": manifest.patient_ids.tolist(),
+        "split": ["test"] * 4 + ["train"] * 6,  # re-split
+        "mass": [1.0, 0.0] * 5,  # relabelled
+    }
+    resplit = read_manifest(write_manifest(tmp_path / "m2.csv", cols), root=manifest.root)
+    again = store.create_set("s", resplit, SPECS, {"config": {"model": "a"}})
+    assert again.ok.all()  # nothing to redo
+    reopened = FeatureStore(tmp_path / "c").open_set("s")
+    assert reopened.splits.tolist() == cols["split"] and reopened.label_names == ["mass"]
+    assert reopened.meta_names() == []  # the dropped meta column is gone
+    assert reopened.attrs["manifest_digest"] == resplit.digest() == reopened.manifest_digest()
+    np.testing.assert_array_equal(reopened.read("cls"), truth["cls"])
+    assert reopened.verify() == []
