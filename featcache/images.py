@@ -187,7 +187,8 @@ def _frame_count_error(path: Path, n: int, frame: int | None) -> ImageReadError 
     if frame is None:
         if n > 1:
             return ImageReadError(
-                f"{path}: has {n} frames; pass frame=<index> to read one, or list the file as a volume"
+                f"{path}: has {n} frames; extraction reads single images: expand a multi-frame DICOM with "
+                "`featcache volumes`, or save the frames as separate files (read_image(path, frame=i) reads one)"
             )
         return None
     if not 0 <= frame < n:
