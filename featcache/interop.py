@@ -310,7 +310,8 @@ def import_h5(
         set_name: the feature set to create, e.g. ``nih/other-tool/224``.
         manifest: the manifest CSV whose ``id`` column the file's ids refer to.
         root: the manifest's root (default: its folder); images are not read.
-        features_key: dataset(s) holding the features [M, ...] (a list or comma-separated).
+        features_key: dataset(s) holding the features [M, ...] (a list or comma-separated); for a file
+            written by ``export_set`` the default takes all its feature arrays.
         ids_key: dataset holding the ids [M].
         as_array: store array name for a features key that is not one (``cls`` by default).
         format: ``h5`` or ``npz`` (default: from the file name).
@@ -335,6 +336,11 @@ def import_h5(
     m = read_manifest(manifest, root, check_files=False)
     digest = _sha256(path)
     with _open_source(path, fmt) as src:
+        exported = bool(src["__attrs__"].get("featcache_export")) or "featcache_export" in src
+        if keys == ["features"] and "features" not in src and exported:  # our own export: take its arrays
+            keys = [
+                k for k in ("cls", "pooled", "layer_cls", "layer_pooled", "registers", "patch") if k in src
+            ]
         absent = [k for k in [*keys, ids_key] if k not in src]
         if absent:
             found = sorted(k for k in src if k != "__attrs__")
@@ -376,7 +382,7 @@ def import_h5(
                 "pass --missing fail to import them as failed rows"
             )
         # Only a featcache export's status column is known to mean pending / ok / failed.
-        is_export = bool(src["__attrs__"].get("featcache_export")) or "featcache_export" in src
+        is_export = exported
         source_status = np.asarray(src["status"][()]) if is_export and "status" in src else None
         source_failure = _strings(src["failure"][()]) if is_export and "failure" in src else None
         attrs_json = src["__attrs__"].get("attrs_json")
