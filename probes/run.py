@@ -1071,7 +1071,8 @@ def run_report(
         by: fields naming a table line (e.g. ``model,res``: one line per backbone and resolution).
         columns: field whose values are the columns (e.g. ``dataset``); few-shot tables use shots.
         fmt: ``md`` (Markdown) or ``csv``.
-        metric: metric shown (``auroc``, ``accuracy``, ``sensitivity@youden`` ...).
+        metric: metric shown (``auroc``, ``accuracy``, ``sensitivity@youden`` ...); ``auroc`` also shows
+            paired comparisons (``auroc_diff``) and segmentation (``dice``) tables.
         label: label shown (``mean``: the mean over labels).
         where: filter, ``{field: value}`` or ``["field=value", ...]``; a condition applies to the rows
             that have the field (``k=20`` picks one kNN k and keeps the logistic-regression rows).
@@ -1100,6 +1101,7 @@ def run_report(
     wanted = [(metric, label)]
     if metric == "auroc":
         wanted.append(("auroc_diff", label))
+        wanted.append(("dice", label))  # segmentation results: Dice is their headline metric
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if (r.get("metric"), r.get("label")) not in wanted:
