@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -434,7 +435,15 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         if progress and n_todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_todo, unit="img", desc=name, dynamic_ncols=True, smoothing=0.1)
+            tty = sys.stderr.isatty()  # in a log file, a line every 30 s instead of a redraw per batch
+            bar = tqdm(
+                total=n_todo,
+                unit="img",
+                desc=name,
+                dynamic_ncols=True,
+                smoothing=0.1,
+                mininterval=0.1 if tty else 30,
+            )
         writer = _Writer(fs, specs)
         writer.start()
         micro = batch_size

@@ -210,7 +210,8 @@ def parse_manifest(
         first = list(dups.items())[:_MAX_NAMED]
         text = "; ".join(f"'{rid}' at rows {_rows_text(rows)}" for rid, rows in first)
         more = f" and {len(dups) - _MAX_NAMED} more" if len(dups) > _MAX_NAMED else ""
-        problems.append(f"duplicate ids: {text}{more} (ids must be unique; add an 'id' column)")
+        fix = "make the 'id' values unique" if "id" in cols else "add an 'id' column with unique values"
+        problems.append(f"duplicate ids: {text}{more} ({fix})")
 
     bad_split = [i for i, s in enumerate(splits) if s not in SPLITS]
     if bad_split:

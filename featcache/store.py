@@ -582,11 +582,11 @@ class FeatureSet:
         status = self.status
         pending = int((status == PENDING).sum())
         if pending:
-            problems.append(f"{pending} of {self.n} rows pending (re-run the extraction to finish)")
+            problems.append(f"{pending} of {self.n} row(s) pending (re-run the extraction to finish)")
         failed = int((status == FAILED).sum())
         if failed:
             first = self.failures()[0]
-            problems.append(f"{failed} rows failed (first: {first['id']}: {first['reason']})")
+            problems.append(f"{failed} row(s) failed (first: {first['id']}: {first['reason']})")
         for key in ("ids", "patient_ids", "splits", "paths", "failure", *self.arrays()):
             if key in self.group and self.group[key].shape[0] != self.n:
                 problems.append(f"array '{key}' has {self.group[key].shape[0]} rows, expected {self.n}")

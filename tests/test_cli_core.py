@@ -56,7 +56,7 @@ def test_failed_rows_exit_3_and_verify_fails(data, tmp_path):
     assert r.exit_code == 3
     assert "1 failed" in r.output and "failed: 2.png:" in r.output
     r = _run(featcache, ["verify", str(tmp_path / "cache")])
-    assert r.exit_code == 1 and "1 rows failed" in r.output
+    assert r.exit_code == 1 and "1 row(s) failed" in r.output
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def test_attrs_are_json(tmp_path, manifest):
 
 def test_verify_reports_problems(tmp_path, manifest):
     fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {}, shard_rows=4)
-    assert any("10 of 10 rows pending" in p for p in fs.verify())
+    assert any("10 of 10 row(s) pending" in p for p in fs.verify())
     rng = np.random.default_rng(0)
     _fill(fs, rng)
     assert fs.verify() == []
@@ -197,7 +197,7 @@ def test_verify_reports_problems(tmp_path, manifest):
     bad["cls"][1, 3] = np.nan
     fs.write_shard(1, bad, {6: "6.png: unreadable"})
     problems = fs.verify()
-    assert any("1 rows failed (first: 6.png: 6.png: unreadable)" in p for p in problems)
+    assert any("1 row(s) failed (first: 6.png: 6.png: unreadable)" in p for p in problems)
     assert any("'cls' has NaN or Inf in 1 rows" in p for p in problems)
     fs.group["labels"][0, 0] = 0.0  # tampering with the stored manifest is detected
     assert any("manifest digest" in p for p in FeatureStore(tmp_path / "c").open_set("s").verify())
