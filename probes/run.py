@@ -794,7 +794,9 @@ def _fewshot_entries(data, episodes, S, shot_list, seed_list, skipped, head, par
             auc[(episodes[i].shots, episodes[i].seed, j)] = float(v)
     # the mean over labels must average the same labels at every K, or the curve mixes label sets:
     # a label that is skipped at some K (too few patients) is left out of the mean at every K
-    everywhere = [j for j in range(len(names)) if all((kk, j) not in skipped for kk in shot_list)]
+    # (shots at which no label at all can be sampled are not held against any label)
+    feasible = [kk for kk in shot_list if any((kk, j) not in skipped for j in range(len(names)))]
+    everywhere = [j for j in range(len(names)) if all((kk, j) not in skipped for kk in feasible)]
     left_out = [names[j] for j in range(len(names)) if j not in everywhere]
     for kk in shot_list:
         for seed in seed_list:

@@ -117,3 +117,13 @@ def test_k_larger_than_train_is_capped_once(tmp_path):
     rows = run_knn(cache, k=(5, 50, 500), n_boot=10)
     ks = sorted({r["k"] for r in rows})
     assert ks == [5, 12] and rows[0]["params"]["k_requested"] == [5, 50, 500]
+
+
+def test_fewshot_shots_nobody_can_sample_do_not_empty_the_mean(tmp_path):
+    from probes.run import run_fewshot
+
+    cache = _one_positive_patient_store(tmp_path)
+    rows = run_fewshot(cache, shots=[2, 50], seeds=1)  # 50 shots: no label has enough patients
+    means = {r["shots"]: r for r in rows if r["label"] == "mean" and r["metric"] == "auroc"}
+    assert means[2]["params"]["labels_in_mean"] == ["effusion", "mass"] and means[2]["value"] is not None
+    assert means[50]["value"] is None
