@@ -545,6 +545,16 @@ def split(manifest_csv, out, by, val, test, seed, stratify, overwrite) -> None:
     click.echo(result.summary())
     for label, shares in result.prevalence.items():
         click.echo(f"  {label:28} " + "  ".join(f"{s} {100 * v:5.2f}%" for s, v in shares.items()))
+    total = sum(c["images"] for c in result.counts.values()) or 1
+    for name, want in (("val", val), ("test", test)):
+        got = result.counts.get(name, {}).get("images", 0) / total
+        if abs(got - want) > 0.05:
+            why = (
+                "rows that already had a split kept it (--overwrite re-assigns them)"
+                if result.kept
+                else (f"whole groups ({by}) cannot be cut finer")
+            )
+            _echo_err(f"warning: {name} holds {100 * got:.1f}% of the images, not {100 * want:.0f}%: {why}")
 
 
 @featcache.command()

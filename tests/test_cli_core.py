@@ -158,3 +158,12 @@ def test_resplit_manifest_reuses_the_features(data, tmp_path):
     r = _extract(data, tmp_path)
     assert r.exit_code == 0 and "features kept" in r.output and "0 processed" in r.output
     assert FeatureStore(tmp_path / "cache").open_set().splits.tolist().count("test") == 4
+
+
+def test_split_warns_when_shares_cannot_be_met(tmp_path):
+    rows = {"path": [f"{i}.png" for i in range(40)], "meta_sex": ["M", "F"] * 20, "effusion": [1.0, 0.0] * 20}
+    write_manifest(tmp_path / "m.csv", rows)
+    r = CliRunner().invoke(
+        featcache, ["split", str(tmp_path / "m.csv"), "--by", "meta_sex", "--out", str(tmp_path / "s.csv")]
+    )
+    assert r.exit_code == 0 and "warning: val holds 0.0% of the images, not 10%" in r.output
