@@ -23,27 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from featcache.datasets._common import DatasetManifest, assemble
+from featcache.datasets.vocabulary import VOCABULARY
 from featcache.errors import FeatcacheError
 
 CLASS_NAMES: dict[str, list[str]] = {
     "pneumoniamnist": ["normal", "pneumonia"],
     "breastmnist": ["malignant", "normal_or_benign"],
-    "chestmnist": [
-        "atelectasis",
-        "cardiomegaly",
-        "effusion",
-        "infiltration",
-        "mass",
-        "nodule",
-        "pneumonia",
-        "pneumothorax",
-        "consolidation",
-        "edema",
-        "emphysema",
-        "fibrosis",
-        "pleural_thickening",
-        "hernia",
-    ],
+    "chestmnist": list(VOCABULARY[1:15]),  # the 14 NIH findings, in NIH order
 }
 _SPLITS = ("train", "val", "test")
 
