@@ -285,7 +285,9 @@ def _to_numpy(
 
 
 def _forward(backbone, pixels: torch.Tensor, layers: list[int], device: torch.device, dtype: torch.dtype):
-    with torch.inference_mode():
+    # torch.compile'd graphs cannot take inference tensors (version counters), so they run under no_grad
+    compiled = hasattr(backbone, "_orig_mod")
+    with torch.no_grad() if compiled else torch.inference_mode():
         return backbone(pixels.to(device, dtype=dtype, non_blocking=True), layers=layers)
 
 

@@ -268,3 +268,16 @@ def test_ctrl_c_from_the_command_line_exits_130_and_resumes(tmp_path):
     assert proc.returncode == 130 and "Interrupted:" in err and "Traceback" not in err
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "40/40 rows done" in done.stdout
+
+
+@pytest.mark.slow
+def test_compiled_model_stores_the_same_features(tmp_path):
+    manifest = _dataset(tmp_path, n=4)
+    plain = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "plain"), res=64), progress=False)
+    compiled = extract(
+        _cfg(tmp_path, manifest, out=str(tmp_path / "compiled"), res=64, compile=True), progress=False
+    )
+    assert compiled.failed == 0 and compiled.pending == 0
+    a = FeatureStore(tmp_path / "plain").open_set(plain.set_name).read("cls")
+    b = FeatureStore(tmp_path / "compiled").open_set(compiled.set_name).read("cls")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -181,7 +181,7 @@ class Backbone(nn.Module):
         gh, gw = self.grid(int(pixels.shape[2]), int(pixels.shape[3]))
         index = self._layer_indices(layers)
         x = pixels.to(device=self.device, dtype=self.dtype)
-        with torch.inference_mode():
+        with torch.no_grad():  # callers add inference_mode; torch.compile cannot trace inference tensors
             if self._family in _TOKEN_FAMILIES:
                 out = self._forward_tokens(x, gh, gw, index)
             elif self._family == "sam":
