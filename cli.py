@@ -769,6 +769,12 @@ def pca(cache, set_name, ids, out, threshold, root, cell) -> None:
     click.echo(
         f"wrote {r.path} ({r.size[0]}x{r.size[1]} px, {len(r.ids)} images; variance explained {shown}{fg})"
     )
+    if threshold is not None:
+        for rid, f in zip(r.ids, r.foreground_per_image):
+            if f == 0.0 or f == 1.0:
+                _echo_err(
+                    f"warning: {rid}: {'no' if f == 0 else 'every'} patch is foreground at --threshold {threshold}"
+                )
 
 
 # ---- probes commands ----

@@ -43,6 +43,7 @@ class PcaResult:
         explained: explained variance ratio of the three components shown (of the foreground PCA
             when thresholded).
         foreground: fraction of patches kept as foreground (1.0 without a threshold).
+        foreground_per_image: that fraction for each image, in order.
     """
 
     path: Path
@@ -50,6 +51,7 @@ class PcaResult:
     ids: list[str]
     explained: list[float] = field(default_factory=list)
     foreground: float = 1.0
+    foreground_per_image: list[float] = field(default_factory=list)
 
 
 def _pca(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,4 +209,5 @@ def pca_picture(
         ids=ids,
         explained=[float(v) for v in ratio],
         foreground=float(fg.mean()),
+        foreground_per_image=[float(v) for v in fg.reshape(n, -1).mean(axis=1)],
     )

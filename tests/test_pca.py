@@ -97,6 +97,8 @@ def test_picture_size_layout_and_determinism(tmp_path):
     np.testing.assert_array_equal(blocks[:, 0, :, 0], np.round(rgb[0] * 255).astype(np.uint8))
     three = pca_picture(cache, ids=ids, out=tmp_path / "c.png", threshold=0.5, cell=64)
     assert three.size == (2 * 64 + 12, 3 * 64 + 16) and 0 < three.foreground < 1
+    assert len(three.foreground_per_image) == 3
+    assert np.mean(three.foreground_per_image) == pytest.approx(three.foreground)  # images share one grid
 
 
 def test_errors_and_cli(tmp_path):
