@@ -147,8 +147,8 @@ def _resolve_device(device: str) -> torch.device:
             raise FeatcacheError(
                 f"--device {device}: CUDA is not available on this machine; use --device cpu"
             )
-        if dev.index is None and "LOCAL_RANK" in os.environ:
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if dev.index is None and "LOCAL_RANK" in os.environ:  # modulo: launchers that show one GPU per rank
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         if dev.index is not None:
             if dev.index >= torch.cuda.device_count():
                 raise FeatcacheError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s)")
@@ -407,6 +407,8 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     fs = store.create_set(name, manifest, specs, attrs, shard_rows=cfg.shard_rows)
 
     with extraction_lock(fs, shard_index, num_shards):
+        # same images, new patients/splits/labels/metadata: take them, keep the features
+        replaced = fs.needs_manifest(manifest) and fs.replace_manifest(manifest)
         mine = [s for s in range(fs.n_shards) if s % num_shards == shard_index]
         if cfg.retry_failed:
             fs.reset_failed(shards=mine)  # only this worker's shards: others may be committing theirs
@@ -507,7 +509,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         seconds=seconds,
         batch_size=micro,
         failures=failures[:20],
-        manifest_replaced=fs.manifest_replaced,
+        manifest_replaced=replaced,
     )
 
 

@@ -419,6 +419,8 @@ def import_h5(
             }
         store = FeatureStore(store_url, mode="a")
         fs = store.create_set(set_name, m, specs, attrs)
+        if fs.needs_manifest(m):  # the same file again with a re-split or relabelled manifest
+            fs.replace_manifest(m)
 
         n_src_failed = 0
         for s in range(fs.n_shards):

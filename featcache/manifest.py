@@ -83,6 +83,11 @@ class Manifest:
         """SHA-256 of what defines the images (ids and paths, in order): equal digests, same features."""
         return hashlib.sha256(json.dumps([self.ids.tolist(), self.paths.tolist()]).encode()).hexdigest()
 
+    def columns_digest(self) -> str:
+        """SHA-256 of every column, metadata included: equal digests, nothing for the store to update."""
+        meta = {k: v.tolist() for k, v in sorted(self.meta.items())}
+        return hashlib.sha256((self.digest() + json.dumps(meta, sort_keys=True)).encode()).hexdigest()
+
     def digest(self) -> str:
         """SHA-256 of the manifest's content (not its formatting): ids, paths, patients, splits, labels."""
         h = hashlib.sha256()

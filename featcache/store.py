@@ -194,17 +194,10 @@ class FeatureStore:
         if self.mode != "a":
             raise StoreError(f"{self.url}: store opened read-only")
         name = name.strip("/")
-        digest = manifest.digest()
         config = attrs.get("config", {})
         if self.has_set(name):
             fs = self.open_set(name)
-            if (
-                fs.attrs.get("manifest_digest") != digest
-                and fs.attrs.get("rows_digest") == manifest.rows_digest()
-            ):
-                fs.replace_manifest(manifest)  # same images, new splits/labels/metadata: features stay valid
-                fs.manifest_replaced = True
-            fs._check_compatible(digest, config, arrays)
+            fs._check_compatible(manifest, config, arrays)
             return fs
         n = len(manifest)
         shard_rows = int(shard_rows or default_shard_rows(arrays))
@@ -214,7 +207,7 @@ class FeatureStore:
         try:
             g = self.root.create_group(name)
         except Exception:  # another worker created it first: wait until it is ready, then check it
-            return self._wait_for_set(name, digest, config, arrays)
+            return self._wait_for_set(name, manifest, config, arrays)
         _write_column(g, "ids", manifest.ids)
         _write_column(g, "paths", manifest.paths)
         _write_manifest_columns(g, manifest)
@@ -231,6 +224,7 @@ class FeatureStore:
                 "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in arrays.items()},
                 **_manifest_attrs(manifest),
                 "rows_digest": manifest.rows_digest(),
+                "columns_digest": manifest.columns_digest(),
                 "created": now,
                 "format_version": FORMAT_VERSION,
                 SET_MARKER: True,  # last: a set is visible only once complete
@@ -238,12 +232,12 @@ class FeatureStore:
         )
         return FeatureSet(self, name, g)
 
-    def _wait_for_set(self, name, digest, config, arrays, timeout: float = 120.0) -> FeatureSet:
+    def _wait_for_set(self, name, manifest, config, arrays, timeout: float = 120.0) -> FeatureSet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.has_set(name):
                 fs = self.open_set(name)
-                fs._check_compatible(digest, config, arrays)
+                fs._check_compatible(manifest, config, arrays)
                 return fs
             time.sleep(0.5)
         raise StoreError(
@@ -293,7 +287,11 @@ def _manifest_attrs(manifest: Manifest) -> dict[str, Any]:
         "root": str(manifest.root),
         "manifest": manifest.source,
         "manifest_digest": manifest.digest(),
+        "columns_digest": manifest.columns_digest(),
     }
+
+
+_REPLACING = "replacing:"  # manifest_digest prefix while new manifest columns are being written
 
 
 def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shard_rows: int) -> None:
@@ -340,7 +338,6 @@ class FeatureSet:
         self.n = int(self.attrs["n"])
         self.shard_rows = int(self.attrs["shard_rows"])
         self._cache: dict[str, np.ndarray] = {}
-        self.manifest_replaced = False  # set by FeatureStore.create_set when it took new manifest columns
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.store.url!r}, {self.name!r}, n={self.n})"
@@ -528,29 +525,62 @@ class FeatureSet:
                 count += int(bad.sum())
         return count
 
-    def replace_manifest(self, manifest: Manifest) -> None:
+    def needs_manifest(self, manifest: Manifest) -> bool:
+        """Whether the set holds other patients, splits, labels, masks or metadata than ``manifest``.
+
+        Sets written before column replacement existed (no ``rows_digest``) are never updated.
+        """
+        if not self.attrs.get("rows_digest"):
+            return False
+        return self.attrs.get("columns_digest") != manifest.columns_digest() or self.replacing
+
+    @property
+    def replacing(self) -> bool:
+        """True while (or after an interrupted) replacement of the manifest columns."""
+        return str(self.attrs.get("manifest_digest", "")).startswith(_REPLACING)
+
+    def replace_manifest(self, manifest: Manifest) -> bool:
         """Take new patients, splits, labels, masks and metadata for the same images (ids and paths).
 
         Re-splitting or relabelling a dataset then costs no re-embedding; the features are untouched.
+        Safe against kills (the manifest digest is marked ``replacing:`` until every column is written,
+        and such a set is refused by the probes and finished by the next extraction) and against
+        several workers (an exclusive lock; a worker that finds the work done does nothing).
+
+        Returns:
+            True when this call wrote the columns, False when they already matched.
 
         Raises:
             StoreError: the manifest lists other images (ids or paths differ).
         """
         if self.attrs.get("rows_digest") != manifest.rows_digest():
             raise StoreError(f"{self.name}: the manifest lists other images; extract them into another set")
-        _write_manifest_columns(self.group, manifest)
-        self.update_attrs(**_manifest_attrs(manifest), manifest_updated=_now())
-        self._cache.clear()
+        with _file_lock(self, ".manifest.lock"):
+            self.refresh()
+            if not self.needs_manifest(manifest):
+                return False
+            self.update_attrs(manifest_digest=_REPLACING + manifest.digest())
+            _write_manifest_columns(self.group, manifest)
+            self.update_attrs(**_manifest_attrs(manifest), manifest_updated=_now())  # the commit
+            self._cache.clear()
+        return True
+
+    def refresh(self) -> None:
+        """Re-read the set's attributes from the store (another process may have changed them)."""
+        self.group = zarr.open_group(self.store.root.store, path=self.name, mode="a" if self.store.mode == "a" else "r")
+        self.attrs = dict(self.group.attrs)
 
     def update_attrs(self, **kv: Any) -> None:
-        """Merge attributes into the set's provenance (single writer only)."""
+        """Merge attributes into the set's provenance, on top of what is stored now (not a stale copy)."""
+        self.refresh()
         self.group.attrs.update(kv)
-        self.attrs.update(kv)
+        self.attrs = dict(self.group.attrs)
 
-    def _check_compatible(self, digest: str, config: dict, arrays: dict[str, ArraySpec]) -> None:
-        if self.attrs.get("manifest_digest") != digest:
+    def _check_compatible(self, manifest: Manifest, config: dict, arrays: dict[str, ArraySpec]) -> None:
+        same_images = self.attrs.get("rows_digest") == manifest.rows_digest()
+        if not same_images and self.attrs.get("manifest_digest") != manifest.digest():
             raise StoreError(
-                f"{self.store.url}: feature set '{self.name}' was made from a different manifest "
+                f"{self.store.url}: feature set '{self.name}' was made from a manifest with other images "
                 f"({self.attrs.get('manifest')}); use another --out or --name, or delete the set"
             )
         stored = self.attrs.get("config", {})
@@ -579,6 +609,10 @@ class FeatureSet:
         (read shard by shard).
         """
         problems: list[str] = []
+        if self.replacing:
+            return [
+                "a replacement of the manifest columns was interrupted; re-run the extraction with the new manifest"
+            ]
         status = self.status
         pending = int((status == PENDING).sum())
         if pending:
@@ -751,6 +785,20 @@ def _unicode(values: Any) -> np.ndarray:
 
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def _file_lock(fs: FeatureSet, name: str) -> Iterator[None]:
+    """An exclusive, blocking flock on a file in the set's folder (no-op for remote stores)."""
+    base = fs.store.local_path
+    if base is None:
+        yield
+        return
+    import fcntl
+
+    with open(base / fs.name / name, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager

@@ -241,6 +241,11 @@ def load_probe_data(
         raise FeatcacheError(f"val_fraction must be in [0, 1); got {val_fraction}")
     store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
     fs = store.open_set(set_name)
+    if fs.replacing:
+        raise FeatcacheError(
+            f"{fs.name}: an update of its manifest columns was interrupted; re-run `featcache extract` with "
+            "the new manifest (it finishes the update without re-embedding)"
+        )
     parts = _feature_parts(fs, features)
     Y, has_target, chosen = _targets(fs, labels, uncertain)
     splits = fs.splits

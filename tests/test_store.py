@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from featcache.errors import StoreError
+from featcache.errors import FeatcacheError, StoreError
 from featcache.manifest import read_manifest, write_manifest
 from featcache.store import FAILED, OK, PENDING, ArraySpec, FeatureStore, default_shard_rows, extraction_lock
 
@@ -104,7 +104,7 @@ def test_reopen_same_settings_and_refuse_other(tmp_path, manifest):
     with pytest.raises(StoreError, match="other settings.*res: stored 64 vs now 128"):
         store.create_set("s", manifest, SPECS, {"config": {"model": "a", "res": 128}})
     other = read_manifest(write_manifest(tmp_path / "o.csv", {"path": ["0.png"]}))
-    with pytest.raises(StoreError, match="different manifest"):
+    with pytest.raises(StoreError, match="manifest with other images"):
         store.create_set("s", other, SPECS, cfg)
 
 
@@ -223,10 +223,81 @@ def test_new_splits_and_labels_for_the_same_images_need_no_re_embedding(tmp_path
     }
     resplit = read_manifest(write_manifest(tmp_path / "m2.csv", cols), root=manifest.root)
     again = store.create_set("s", resplit, SPECS, {"config": {"model": "a"}})
-    assert again.ok.all()  # nothing to redo
+    assert again.ok.all() and again.needs_manifest(resplit)  # nothing to redo, columns to take
+    assert again.replace_manifest(resplit) and not again.replace_manifest(resplit)  # the second is a no-op
     reopened = FeatureStore(tmp_path / "c").open_set("s")
     assert reopened.splits.tolist() == cols["split"] and reopened.label_names == ["mass"]
     assert reopened.meta_names() == []  # the dropped meta column is gone
     assert reopened.attrs["manifest_digest"] == resplit.digest() == reopened.manifest_digest()
     np.testing.assert_array_equal(reopened.read("cls"), truth["cls"])
     assert reopened.verify() == []
+
+
+def test_refused_run_leaves_the_manifest_alone_and_meta_changes_count(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "c", mode="a")
+    store.create_set("s", manifest, SPECS, {"config": {"model": "a"}}, shard_rows=4)
+    cols = {"path": manifest.paths.tolist(), "split": ["test"] * 10, "meta_site": ["x"] * 10}
+    other = read_manifest(write_manifest(tmp_path / "m2.csv", cols), root=manifest.root)
+    with pytest.raises(StoreError, match="other settings"):
+        store.create_set("s", other, SPECS, {"config": {"model": "b"}})
+    assert FeatureStore(tmp_path / "c").open_set("s").splits.tolist() == manifest.splits.tolist()
+    only_meta = {"path": manifest.paths.tolist(), "patient_id": manifest.patient_ids.tolist(),
+                 "split": manifest.splits.tolist(), "effusion": manifest.labels[:, 0].tolist(),
+                 "meta_view": ["PA", "AP"] * 5, "meta_site": ["x"] * 10}  # fmt: skip
+    m3 = read_manifest(write_manifest(tmp_path / "m3.csv", only_meta), root=manifest.root)
+    fs = store.create_set("s", m3, SPECS, {"config": {"model": "a"}})
+    assert fs.needs_manifest(m3) and fs.replace_manifest(m3)
+    assert FeatureStore(tmp_path / "c").open_set("s").meta_names() == ["site", "view"]
+
+
+def test_interrupted_replacement_is_refused_then_finished(tmp_path, manifest, monkeypatch):
+    import featcache.store as st
+    from probes.data import load_probe_data
+
+    store = FeatureStore(tmp_path / "c", mode="a")
+    fs = store.create_set(
+        "s", manifest, SPECS, {"config": {"model": "a"}, "model": "m", "res": 8}, shard_rows=4
+    )
+    _fill(fs, np.random.default_rng(0))
+    cols = {"path": manifest.paths.tolist(), "patient_id": manifest.patient_ids.tolist(),
+            "split": ["test"] * 4 + ["train"] * 6, "effusion": [1.0, 0.0] * 5}  # fmt: skip
+    new = read_manifest(write_manifest(tmp_path / "m2.csv", cols), root=manifest.root)
+
+    def killed(group, m):  # the process dies after the old columns are deleted
+        for key in st._MANIFEST_COLUMNS:
+            if key in group:
+                del group[key]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "_write_manifest_columns", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fs.replace_manifest(new)
+    monkeypatch.undo()
+    half = FeatureStore(tmp_path / "c").open_set("s")
+    assert half.replacing and "interrupted" in half.verify()[0]
+    with pytest.raises(FeatcacheError, match="interrupted"):
+        load_probe_data(tmp_path / "c", "s")
+    assert half.needs_manifest(manifest)  # even the old manifest must finish the replacement
+    assert FeatureStore(tmp_path / "c", mode="a").open_set("s").replace_manifest(new)
+    done = FeatureStore(tmp_path / "c").open_set("s")
+    assert not done.replacing and done.verify() == [] and done.splits.tolist() == cols["split"]
+
+
+def test_workers_replacing_at_once_do_not_collide(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "c", mode="a")
+    store.create_set("s", manifest, SPECS, {"config": {"model": "a"}}, shard_rows=4)
+    cols = {"path": manifest.paths.tolist(), "split": ["test", "train"] * 5, "effusion": [1.0, 0.0] * 5}
+    write_manifest(tmp_path / "m2.csv", cols)
+    code = (
+        "from featcache.store import FeatureStore; from featcache.manifest import read_manifest\n"
+        f"m = read_manifest({str(tmp_path / 'm2.csv')!r}, root={str(manifest.root)!r})\n"
+        f"fs = FeatureStore({str(tmp_path / 'c')!r}, mode='a').open_set('s')\n"
+        "print(fs.replace_manifest(m))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and sorted(outs) == ["False", "False", "True"]
+    done = FeatureStore(tmp_path / "c").open_set("s")
+    assert not done.replacing and done.splits.tolist() == cols["split"]
