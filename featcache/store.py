@@ -567,7 +567,9 @@ class FeatureSet:
 
     def refresh(self) -> None:
         """Re-read the set's attributes from the store (another process may have changed them)."""
-        self.group = zarr.open_group(self.store.root.store, path=self.name, mode="a" if self.store.mode == "a" else "r")
+        self.group = zarr.open_group(
+            self.store.root.store, path=self.name, mode="a" if self.store.mode == "a" else "r"
+        )
         self.attrs = dict(self.group.attrs)
 
     def update_attrs(self, **kv: Any) -> None:
