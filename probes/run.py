@@ -897,6 +897,7 @@ def run_compare(
         raise FeatcacheError(f"unknown probe {probe!r} for compare: use logreg or knn")
     data = [_load(cache, s, features, labels, uncertain, val_fraction, seed, aggregate) for s in sets]
     check_same_test(data[0], data[1])
+    k = min(int(k), *(len(d.train) for d in data))  # as in run_knn: k above the train size is that size
     scores = []
     for d in data:
         if probe == "knn":
