@@ -109,35 +109,20 @@ def build(
         "MedMNIST has no patient ids: each image is its own patient",
     ]
 
-    if labels.shape[1] == 1:
+    if labels.shape[1] == 1:  # one class index per image: a multi-class manifest
         idx = labels[:, 0].astype(np.int64)
         if names is not None and idx.max() >= len(names):
             raise FeatcacheError(
                 f"{npz_path}: class index {idx.max()} but only {len(names)} class names {names}"
             )
-        classes = [names[k] if names else str(k) for k in idx]
-        return assemble(
-            "medmnist",
-            out.parent,
-            paths=paths,
-            ids=ids,
-            patient_ids=ids,
-            splits=splits,
-            classes=classes,
-            notes=notes,
+        targets = {"classes": [names[k] if names else str(k) for k in idx]}
+    else:  # one 0/1 column per finding: multi-label
+        columns = (
+            names
+            if names is not None and len(names) == labels.shape[1]
+            else [f"finding_{j}" for j in range(labels.shape[1])]
         )
-    columns = (
-        names
-        if names is not None and len(names) == labels.shape[1]
-        else [f"finding_{j}" for j in range(labels.shape[1])]
-    )
+        targets = {"labels": {c: labels[:, j].astype(np.float32) for j, c in enumerate(columns)}}
     return assemble(
-        "medmnist",
-        out.parent,
-        paths=paths,
-        ids=ids,
-        patient_ids=ids,
-        splits=splits,
-        labels={c: labels[:, j].astype(np.float32) for j, c in enumerate(columns)},
-        notes=notes,
+        "medmnist", out.parent, paths=paths, ids=ids, patient_ids=ids, splits=splits, notes=notes, **targets
     )
