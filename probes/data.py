@@ -206,6 +206,32 @@ def carve_val(patients: np.ndarray, val_fraction: float, seed: int) -> np.ndarra
     return np.isin(patients, unique[chosen])
 
 
+def open_checked_set(cache: str | FeatureStore, set_name: str | None = None) -> FeatureSet:
+    """Open a feature set for a probe, refusing one that cannot be trusted.
+
+    Every consumer of stored features (the probes, ``seg``, ``pca``, ``export``) opens sets through
+    this function, so every guard applies to all of them.
+
+    Args:
+        cache: the store (a folder, fsspec URL or an open ``FeatureStore``).
+        set_name: feature set name; may be None when the store holds one set.
+
+    Returns:
+        The open :class:`~featcache.store.FeatureSet`.
+
+    Raises:
+        FeatcacheError: a set whose manifest-column update was interrupted.
+    """
+    store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
+    fs = store.open_set(set_name)
+    if fs.replacing:
+        raise FeatcacheError(
+            f"{fs.name}: an update of its manifest columns was interrupted; re-run `featcache extract` with "
+            "the new manifest (it finishes the update without re-embedding)"
+        )
+    return fs
+
+
 def load_probe_data(
     cache: str | FeatureStore,
     set_name: str | None = None,
@@ -240,12 +266,7 @@ def load_probe_data(
     if not 0 <= val_fraction < 1:
         raise FeatcacheError(f"val_fraction must be in [0, 1); got {val_fraction}")
     store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
-    fs = store.open_set(set_name)
-    if fs.replacing:
-        raise FeatcacheError(
-            f"{fs.name}: an update of its manifest columns was interrupted; re-run `featcache extract` with "
-            "the new manifest (it finishes the update without re-embedding)"
-        )
+    fs = open_checked_set(store, set_name)
     parts = _feature_parts(fs, features)
     Y, has_target, chosen = _targets(fs, labels, uncertain)
     splits = fs.splits
