@@ -1,0 +1,197 @@
+"""Paired comparison of two feature sets (two backbones, resolutions...) on the same test patients.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+from . import metrics
+from .data import check_same_test
+from .evaluate import (
+    MIN_CI_PATIENTS,
+    _binary_targets,
+    _context,
+    _fill_undefined,
+    _finish,
+    _finite,
+    _learnable,
+    _load,
+    _prevalence,
+)
+from .fit import _logreg_scores
+from .knn import KNNProbe
+from .logreg import DEFAULT_C_GRID
+from .stats import delong, holm, paired_bootstrap
+
+
+def run_compare(
+    cache,
+    sets: Sequence[str],
+    *,
+    probe: str = "logreg",
+    features: str = "cls",
+    labels: Sequence[str] | None = None,
+    uncertain: str = "ignore",
+    aggregate: str | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    C: float | None = None,
+    C_grid: Sequence[float] = DEFAULT_C_GRID,
+    n_boot: int = 1000,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    out: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Paired comparison of two feature sets (e.g. two backbones) on the same test patients.
+
+    The same probe is fitted on each set; per label and for the mean AUROC, the difference
+    AUROC(A) - AUROC(B) gets a paired patient-level bootstrap CI (both sets scored on the same
+    draws). Per label, ``p`` is DeLong's two-sided p-value and ``p_holm`` its Holm adjustment over
+    the labels; the mean row's ``p`` is the paired-bootstrap p-value (DeLong has no mean over labels).
+    ``params`` holds both AUROCs and the bootstrap p-value of every row.
+
+    Args:
+        cache: feature store folder or URL.
+        sets: the two set names ``(A, B)``.
+        probe: ``logreg`` or ``knn``.
+        features, labels, uncertain, val_fraction: as in :func:`run_logreg`.
+        k: kNN neighbours (one k).
+        temperature: kNN temperature.
+        C, C_grid: logistic-regression C (None: chosen on val per set).
+        n_boot: bootstrap draws.
+        seed: bootstrap seed.
+        out: JSON-lines file to append the rows to.
+
+    Returns:
+        Rows with ``probe = "compare"``, ``metric = "auroc_diff"``, ``store_set`` = A, ``vs`` = B.
+
+    Raises:
+        FeatcacheError: not two sets, an unknown probe, or sets without the same test rows.
+    """
+    sets = list(sets)
+    if len(sets) != 2:
+        raise FeatcacheError(f"compare needs two feature sets A,B; got {sets}")
+    if probe not in ("logreg", "knn"):
+        raise FeatcacheError(f"unknown probe {probe!r} for compare: use logreg or knn")
+    data = [_load(cache, s, features, labels, uncertain, val_fraction, seed, aggregate) for s in sets]
+    check_same_test(data[0], data[1])
+    k = min(int(k), *(len(d.train) for d in data))  # as in run_knn: k above the train size is that size
+    scores = []
+    for d in data:
+        if probe == "knn":
+            knn = KNNProbe(k=[int(k)], temperature=temperature, task=d.task).fit(d.train.X, d.train.y)
+            fill = _prevalence(d.train.y) if d.task == "multilabel" else 0.0
+            s = _fill_undefined(knn.predict_scores(d.test.X)[int(k)], fill, len(d.label_names))
+            fitted = _learnable(d)[0]
+        else:
+            s, _, fitted, _ = _logreg_scores(d, C, C_grid)
+        scores.append((s, fitted))
+    a, b = data
+    run = _context(a, "compare")
+    Y = _binary_targets(a, "test")
+    patients = a.test.patients
+    (Sa, fa), (Sb, fb) = scores
+    both = fa & fb
+    names = a.label_names
+    auc_a = np.full(len(names), np.nan)
+    auc_b = np.full(len(names), np.nan)
+    auc_a[both] = metrics.auroc_per_label(Y[:, both], Sa[:, both])
+    auc_b[both] = metrics.auroc_per_label(Y[:, both], Sb[:, both])
+    defined = both & ~np.isnan(auc_a) & ~np.isnan(auc_b)
+    params = {**run["params"], "compared_probe": probe}
+    if probe == "knn":
+        params.update(k=int(k), temperature=float(temperature))
+    base = {"vs": sets[1], "seed": int(seed), "n_train": len(a.train), "metric": "auroc_diff"}
+    p_delong = np.full(len(names), np.nan)
+    rows_label = []
+    for j, name in enumerate(names):
+        known = ~np.isnan(Y[:, j])
+        counts = {"n_test": int(known.sum()), "n_patients_test": int(len(np.unique(patients[known])))}
+        if not defined[j]:
+            reason = "one class only among the test rows" if both[j] else "the probe could not be fitted"
+            rows_label.append(
+                {**base, **counts, "label": name, "value": None, "params": {**params, "skipped": reason}}
+            )
+            continue
+        y, sa, sb = Y[known, j], Sa[known, j], Sb[known, j]
+        n_pos = len(np.unique(patients[known][y == 1]))
+        n_neg = len(np.unique(patients[known][y == 0]))
+        if min(n_pos, n_neg) < MIN_CI_PATIENTS:  # no honest CI or test from one patient on a side
+            reason = (
+                f"no CI or p-value: {n_pos} positive and {n_neg} negative patients in test "
+                f"(needs {MIN_CI_PATIENTS} of each)"
+            )
+            rows_label.append(
+                {
+                    **base,
+                    **counts,
+                    "label": name,
+                    "value": float(auc_a[j] - auc_b[j]),
+                    "params": {**params, "auroc_a": auc_a[j], "auroc_b": auc_b[j], "ci": reason},
+                }
+            )
+            continue
+        pb = paired_bootstrap(metrics.auroc, y, sa, sb, patients[known], n_boot, seed)
+        dl = delong(y, sa, sb)
+        p_delong[j] = dl.p
+        rows_label.append(
+            {
+                **base,
+                **counts,
+                "label": name,
+                "value": pb.diff,
+                "ci_low": pb.low,
+                "ci_high": pb.high,
+                "n_boot": n_boot,
+                "n_boot_skipped": int(pb.n_skipped),
+                "p": _finite(dl.p),
+                "params": {
+                    **params,
+                    "auroc_a": auc_a[j],
+                    "auroc_b": auc_b[j],
+                    "p_bootstrap": _finite(pb.p),
+                    "p_delong": _finite(dl.p),
+                },
+            }
+        )
+    adjusted = holm(p_delong)
+    for j, row in enumerate(rows_label):
+        if defined[j] and not np.isnan(p_delong[j]):
+            row["p_holm"] = _finite(adjusted[j])
+    entries = list(rows_label)
+    mean_fields = {"n_test": len(a.test), "n_patients_test": int(len(np.unique(patients)))}
+    if defined.any():
+        cols = np.flatnonzero(defined)
+        pb = paired_bootstrap(
+            metrics.mean_auroc, Y[:, cols], Sa[:, cols], Sb[:, cols], patients, n_boot, seed
+        )
+        entries.append(
+            {
+                **base,
+                **mean_fields,
+                "label": "mean",
+                "value": pb.diff,
+                "ci_low": pb.low,
+                "ci_high": pb.high,
+                "n_boot": n_boot,
+                "n_boot_skipped": int(pb.n_skipped),
+                "p": _finite(pb.p),
+                "params": {
+                    **params,
+                    "auroc_a": float(np.mean(auc_a[cols])),
+                    "auroc_b": float(np.mean(auc_b[cols])),
+                    "p_bootstrap": _finite(pb.p),
+                    "labels_in_mean": [names[j] for j in cols],
+                },
+            }
+        )
+    else:
+        entries.append({**base, **mean_fields, "label": "mean", "value": None, "params": params})
+    return _finish(entries, run, out)
