@@ -837,9 +837,9 @@ def _probe_data_options(fn):
     return fn
 
 
-def _bootstrap_options(fn):
+def _bootstrap_options(fn, carve: bool = True):
     fn = click.option(
-        "--seed", default=0, show_default=True, type=int, help="Bootstrap (and carved-val) seed."
+        "--seed", default=0, show_default=True, type=int, help="Bootstrap, fold (and carved-val) seed."
     )(fn)
     fn = click.option(
         "--bootstrap",
@@ -849,13 +849,19 @@ def _bootstrap_options(fn):
         type=click.IntRange(min=1),
         help="Patient bootstrap draws for CIs.",
     )(fn)
+    if not carve:
+        return fn
     return click.option(
         "--val-fraction",
         default=0.2,
         show_default=True,
         type=float,
-        help="Share of train patients carved into validation when the store has no val split.",
+        help="Share of train patients carved into validation when C is selected and the store has no val split.",
     )(fn)
+
+
+def _no_carve_options(fn):
+    return _bootstrap_options(fn, carve=False)
 
 
 def _fmt_ci(row: dict) -> str:
@@ -900,11 +906,9 @@ def _echo_header(rows: list[dict], what: str) -> None:
 @click.option(
     "--temperature", default=0.07, show_default=True, type=float, help="Softmax temperature of the votes."
 )
-@_bootstrap_options
+@_no_carve_options
 @_one_line_errors
-def knn(
-    cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, n_boot, seed, val_fraction
-) -> None:
+def knn(cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, n_boot, seed) -> None:
     """Weighted kNN probe (cosine, temperature votes): AUROC per label and mean, with patient CIs.
 
     Example: probes knn --cache cache/ --set nih/dinov3-vitb16/512 --k 10,20 --out results.jsonl
@@ -914,7 +918,7 @@ def knn(
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature,
         labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
-        val_fraction=val_fraction, out=out, aggregate=aggregate,
+        out=out, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, "knn")
     click.echo(f"{'k':>5}  mean AUROC [95% CI]")

@@ -14,19 +14,8 @@ from featcache.errors import FeatcacheError
 
 from . import metrics
 from .data import check_same_test
-from .evaluate import (
-    MIN_CI_PATIENTS,
-    _binary_targets,
-    _context,
-    _fill_undefined,
-    _finish,
-    _finite,
-    _learnable,
-    _load,
-    _prevalence,
-)
-from .fit import _logreg_scores
-from .knn import KNNProbe
+from .evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
+from .fit import knn_scores, logreg_scores
 from .logreg import DEFAULT_C_GRID
 from .stats import delong, holm, paired_bootstrap
 
@@ -80,19 +69,16 @@ def run_compare(
         raise FeatcacheError(f"compare needs two feature sets A,B; got {sets}")
     if probe not in ("logreg", "knn"):
         raise FeatcacheError(f"unknown probe {probe!r} for compare: use logreg or knn")
-    data = [_load(cache, s, features, labels, uncertain, val_fraction, seed, aggregate) for s in sets]
+    data = [_load(cache, s, features, labels, uncertain, 0.0, seed, aggregate) for s in sets]
     check_same_test(data[0], data[1])
-    k = min(int(k), *(len(d.train) for d in data))  # as in run_knn: k above the train size is that size
+    k = min(int(k), *(len(d.train) + len(d.val) for d in data))  # as in run_knn: capped at the indexed rows
     scores = []
-    for d in data:
+    for i, d in enumerate(data):
         if probe == "knn":
-            knn = KNNProbe(k=[int(k)], temperature=temperature, task=d.task).fit(d.train.X, d.train.y)
-            fill = _prevalence(d.train.y) if d.task == "multilabel" else 0.0
-            s = _fill_undefined(knn.predict_scores(d.test.X)[int(k)], fill, len(d.label_names))
-            fitted = _learnable(d)[0]
+            sc = knn_scores(d, [k], temperature=temperature, seed=seed, thresholds=False)[k]
         else:
-            s, _, fitted, _ = _logreg_scores(d, C, C_grid)
-        scores.append((s, fitted))
+            sc, data[i] = logreg_scores(d, C, C_grid, val_fraction=val_fraction, seed=seed)
+        scores.append((sc.test, sc.fitted))
     a, b = data
     run = _context(a, "compare")
     Y = _binary_targets(a, "test")

@@ -14,9 +14,9 @@
   neighbour slots on them).
 - Targets of a multi-class set: int64 [n] indices into ``label_names`` (the chosen class names,
   sorted); rows without a class, or of a class not chosen, are left out.
-- Validation: the store's ``val`` split when it has rows; otherwise a patient-level share
-  (``val_fraction``) of the train patients is carved out with a fixed seed, and
-  ``context["val_carved"]`` says so.
+- Validation: the store's ``val`` split. Nothing is carved by default; a runner that selects
+  something on validation and finds no val rows carves a patient-level share of train with
+  :func:`with_carved_val` (or passes ``val_fraction``), and ``context["val_carved"]`` says so.
 
 ``context`` holds what a results row needs to say where its numbers came from (dataset, model,
 resolution, features, set name and the store's provenance). This module does not import torch.
@@ -238,7 +238,7 @@ def load_probe_data(
     features: str = "cls",
     labels: list[str] | tuple[str, ...] | None = None,
     uncertain: str = "ignore",
-    val_fraction: float = 0.2,
+    val_fraction: float = 0.0,
     seed: int = 0,
     aggregate: str | None = None,
 ) -> ProbeData:
@@ -333,6 +333,67 @@ def load_probe_data(
 
         data = aggregate_probe_data(data, volume_ids(fs), aggregate)
     return data
+
+
+def merge_train_val(data: ProbeData) -> ProbeData:
+    """``data`` with the validation rows moved into train (what a final fit or a support pool uses).
+
+    Args:
+        data: loaded probe data.
+
+    Returns:
+        A new :class:`ProbeData` whose ``train`` is train then val (in that order) and whose ``val``
+        is empty; ``test`` and ``context`` are unchanged (context copied).
+    """
+    t, v = data.train, data.val
+    train = Split(
+        np.concatenate([t.X, v.X]),
+        np.concatenate([t.y, v.y]),
+        np.concatenate([t.patients, v.patients]),
+        np.concatenate([t.ids, v.ids]),
+        np.concatenate([t.rows, v.rows]),
+    )
+    empty = Split(t.X[:0], t.y[:0], t.patients[:0], t.ids[:0], t.rows[:0])
+    return ProbeData(data.task, data.label_names, train, empty, data.test, dict(data.context))
+
+
+def with_carved_val(data: ProbeData, val_fraction: float, seed: int) -> ProbeData:
+    """``data`` with a patient-level share of its train rows moved to validation.
+
+    Only a runner that selects something on validation (a C grid) calls this, and only when the
+    store has no val split; the carve is recorded in ``context`` (``val_carved``, ``val_fraction``,
+    ``split_seed``) and so in every result row.
+
+    Args:
+        data: loaded probe data with an empty ``val``.
+        val_fraction: share of the train patients moved (see :func:`carve_val`).
+        seed: seed of the carve.
+
+    Returns:
+        A new :class:`ProbeData`.
+
+    Raises:
+        FeatcacheError: ``val_fraction`` outside (0, 1), a non-empty ``val``, or too few patients.
+    """
+    if not 0 < val_fraction < 1:
+        raise FeatcacheError(
+            f"val_fraction must be in (0, 1) to carve a validation split; got {val_fraction}"
+        )
+    if len(data.val):
+        raise FeatcacheError("the data already has validation rows; nothing to carve")
+    t = data.train
+    to_val = carve_val(t.patients, val_fraction, seed)
+
+    def take(mask: np.ndarray) -> Split:
+        return Split(t.X[mask], t.y[mask], t.patients[mask], t.ids[mask], t.rows[mask])
+
+    context = {
+        **data.context,
+        "val_carved": True,
+        "val_fraction": float(val_fraction),
+        "split_seed": int(seed),
+    }
+    return ProbeData(data.task, data.label_names, take(~to_val), take(to_val), data.test, context)
 
 
 def check_same_test(a: ProbeData, b: ProbeData) -> None:

@@ -30,6 +30,7 @@ from featcache.errors import FeatcacheError
 
 from . import metrics
 from .data import ProbeData, load_probe_data
+from .fit import Scored
 from .results import RESULT_FIELDS, append_jsonl, make_rows
 from .stats import bootstrap_ci
 
@@ -87,83 +88,44 @@ def _write(rows: list[dict], out: str | os.PathLike | None) -> None:
         append_jsonl(out, rows)
 
 
-def _fill_undefined(S: np.ndarray, fill: np.ndarray | float, width: int) -> np.ndarray:
-    """kNN scores float64 [n, width]: NaN (no neighbour knows the label) -> ``fill``; classes
-    above the largest one seen in train (absent from the kNN's output) -> probability 0."""
-    S = np.array(S, dtype=np.float64, copy=True)
-    if S.shape[1] < width:
-        S = np.concatenate([S, np.zeros((len(S), width - S.shape[1]))], axis=1)
-    bad = np.isnan(S)
-    if bad.any():
-        S[bad] = np.broadcast_to(fill, S.shape)[bad]
-    return S
-
-
-def _prevalence(Y: np.ndarray) -> np.ndarray:
-    """float [L] share of positives among the known train labels (0.5 where none is known)."""
-    known = ~np.isnan(Y)
-    pos = np.where(known, Y, 0).sum(axis=0)
-    n = known.sum(axis=0)
-    return np.where(n > 0, pos / np.maximum(n, 1), 0.5)
-
-
-def _learnable(data: ProbeData) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """bool [L] labels whose train rows hold both classes, and a ``skipped`` reason for the others.
-
-    Multi-class data (every class has train rows, checked at load time) is always learnable.
-    """
-    L = len(data.label_names)
-    if data.task != "multilabel":
-        return np.ones(L, bool), [{} for _ in range(L)]
-    Y = data.train.y
-    n_pos, n_neg = (Y == 1).sum(axis=0), (Y == 0).sum(axis=0)
-    ok = (n_pos > 0) & (n_neg > 0)
-    extra: list[dict[str, Any]] = [
-        {}
-        if ok[j]
-        else {
-            "params": {"skipped": f"train rows hold {int(n_pos[j])} positives and {int(n_neg[j])} negatives"}
-        }
-        for j in range(L)
-    ]
-    return ok, extra
-
-
-def _evaluate(
+def evaluate_scores(
     data: ProbeData,
-    S_test: np.ndarray,
-    S_val: np.ndarray | None,
+    sc: Scored,
     base: dict[str, Any],
     params: dict[str, Any],
     n_boot: int,
     seed: int,
-    fitted: np.ndarray | None = None,
-    label_extra: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Metric entries of one fitted probe.
 
+    Every entry whose value is null says why in ``params.skipped``; every missing CI says why in
+    ``params.ci``.
+
     Args:
         data: the run's data.
-        S_test: float [n_test, L] scores (multi-label: per label; multi-class: class probabilities).
-        S_val: float [n_val, L] validation scores (for the Youden threshold), or None.
+        sc: the probe's scores (:class:`probes.fit.Scored`): test scores [n_test, L] (multi-label:
+            per label; multi-class: class probabilities), the held-out scores thresholds are chosen
+            on, which labels were fitted, and per-label extra fields.
         base: fields of every entry (``k``, ``C``, ``seed`` ...).
         params: the run's params (merged into each entry's ``params``).
         n_boot: bootstrap draws.
         seed: bootstrap seed.
-        fitted: bool [L], labels the probe could be fitted for (default: all).
-        label_extra: per label, extra fields and params (``C``, ``params.skipped`` ...).
 
     Returns:
         Entries for :func:`probes.results.make_rows`.
     """
     names = data.label_names
     L = len(names)
-    fitted = np.ones(L, bool) if fitted is None else np.asarray(fitted, bool)
-    label_extra = label_extra or [{} for _ in names]
+    fitted = np.asarray(sc.fitted, bool)
+    label_extra = sc.extra or [{} for _ in names]
     Y = _binary_targets(data, "test")
-    Yv = _binary_targets(data, "val") if S_val is not None and len(data.val) else None
+    Yv = None
+    if sc.thr_s is not None and len(sc.thr_s):
+        Yv = sc.thr_y.astype(np.float64) if data.task == "multilabel" else metrics.one_hot(sc.thr_y, L)
+        S_val = np.asarray(sc.thr_s, dtype=np.float64)
     patients = data.test.patients
-    S = np.asarray(S_test, dtype=np.float64)
+    S = np.asarray(sc.test, dtype=np.float64)
+    params = {**params, "fit_rows": sc.fit_rows, "threshold_from": sc.thr_from}
     auc = np.full(L, np.nan)
     auc[fitted] = metrics.auroc_per_label(Y[:, fitted], S[:, fitted])
     defined = ~np.isnan(auc)
@@ -199,32 +161,45 @@ def _evaluate(
             else {}
         )
         if defined[j] and not with_ci[j]:
-            ci_fields["params"] = {
-                "ci": f"not computed: {pos_pat[j]} positive and {neg_pat[j]} negative patients in test "
-                f"(a CI needs {MIN_CI_PATIENTS} of each)"
-            }
-        entry(name, "auroc", _finite(auc[j]), label_extra[j], **counts, **ci_fields)
+            ci_fields["params"] = {"ci": _few_patients(pos_pat[j], neg_pat[j])}
+        why_not = None
+        if not fitted[j]:
+            why_not = (label_extra[j].get("params") or {}).get("skipped", "the probe could not be fitted")
+        elif not defined[j]:
+            why_not = _one_class_reason(Y[:, j])
+        auc_skip = {"params": {"skipped": why_not}} if why_not else {}
+        entry(name, "auroc", _finite(auc[j]), label_extra[j], **counts, **ci_fields, **auc_skip)
         if not fitted[j]:
             for m in _THRESHOLD_METRICS:
                 for t in ("0.5", "youden"):
-                    entry(name, f"{m}@{t}", None, label_extra[j], **counts)
+                    entry(name, f"{m}@{t}", None, label_extra[j], **counts, params={"skipped": why_not})
             continue
-        thresholds: dict[str, float] = {"0.5": 0.5}
-        if Yv is not None:
-            try:
-                thresholds["youden"] = metrics.youden_threshold(Yv[:, j], S_val[:, j])
-            except FeatcacheError:
-                thresholds["youden"] = float("nan")
+        thresholds: dict[str, tuple[float, str | None]] = {"0.5": (0.5, None)}
+        if Yv is None:
+            thresholds["youden"] = (float("nan"), "no held-out scores to choose a threshold on")
         else:
-            thresholds["youden"] = float("nan")
-        for t_name, t in thresholds.items():
-            if math.isnan(t) or not known.any():
+            ok = ~np.isnan(S_val[:, j])
+            try:
+                thresholds["youden"] = (metrics.youden_threshold(Yv[ok, j], S_val[ok, j]), None)
+            except FeatcacheError:
+                n_p, n_n = int((Yv[ok, j] == 1).sum()), int((Yv[ok, j] == 0).sum())
+                thresholds["youden"] = (
+                    float("nan"),
+                    f"{sc.thr_from} rows hold {n_p} positives and {n_n} negatives: no Youden threshold",
+                )
+        for t_name, (t, why) in thresholds.items():
+            if why is None and not known.any():
+                why = "no test row has this label"
+            if why is not None:
                 values = dict.fromkeys(_THRESHOLD_METRICS)
             else:
                 bm = metrics.binary_metrics(Y[:, j], S[:, j], t)
                 values = {m: _finite(bm[m]) for m in _THRESHOLD_METRICS}
             for m, v in values.items():
-                entry(name, f"{m}@{t_name}", v, label_extra[j], **counts, params={"threshold": _finite(t)})
+                p = {"threshold": _finite(t)}
+                if v is None:
+                    p["skipped"] = why or f"undefined at this threshold ({m} needs both classes in test)"
+                entry(name, f"{m}@{t_name}", v, label_extra[j], **counts, params=p)
 
     n_mean = int(defined.sum())
     mean_fields = {"n_test": len(data.test), "n_patients_test": int(len(np.unique(patients)))}
@@ -234,11 +209,15 @@ def _evaluate(
         mean_fields.update(ci_low=ci.low, ci_high=ci.high, n_boot=n_boot, n_boot_skipped=int(ci.n_skipped))
     else:
         value = None
+        mean_fields["params"] = {"skipped": "no label has both classes among the test rows"}
     entry(
         "mean",
         "auroc",
         _finite(value) if value is not None else None,
-        params={"labels_in_mean": [names[j] for j in np.flatnonzero(defined)]},
+        params={
+            "labels_in_mean": [names[j] for j in np.flatnonzero(defined)],
+            **mean_fields.pop("params", {}),
+        },
         **mean_fields,
     )
     if data.task == "multiclass":
@@ -258,6 +237,20 @@ def _evaluate(
                 n_boot_skipped=int(ci.n_skipped),
             )
     return entries
+
+
+def _few_patients(n_pos: int, n_neg: int) -> str:
+    """Why a label gets no CI or p-value: too few patients on a side."""
+    sides = [
+        f"{n} {side} patient{'s' if n != 1 else ''}" for n, side in ((n_pos, "positive"), (n_neg, "negative"))
+    ]
+    return f"no CI ({', '.join(sides)} in test; a CI needs {MIN_CI_PATIENTS} of each)"
+
+
+def _one_class_reason(y: np.ndarray) -> str:
+    known = ~np.isnan(y)
+    n_pos, n_neg = int((y[known] == 1).sum()), int((y[known] == 0).sum())
+    return f"test rows hold {n_pos} positives and {n_neg} negatives: AUROC needs both"
 
 
 def _finish(entries: list[dict], run: dict, out) -> list[dict]:

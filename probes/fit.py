@@ -1,77 +1,334 @@
 """Fit a probe on a :class:`~probes.data.ProbeData` and score its splits (shared by the runners).
 
+What is fitted on which rows (docs/PROTOCOLS.md has the whole account):
+
+- **Nothing is carved unless something is selected on it.** kNN and a fixed-C logistic regression
+  fit every labelled non-test row (train, and val when the store has one): the final model of the
+  dinov2 protocols. A C grid is selected on val (the store's, or a patient-level carve of train
+  when it has none, recorded as ``val_carved``), then the model is refit on train + val at the
+  chosen C, as ``dinov2/eval/log_regression.py`` does.
+- **Thresholds come from held-out scores.** The Youden threshold of ``@youden`` metrics is chosen
+  on the val scores of the train-only model when C was selected on val; otherwise (nothing held
+  out) on patient-grouped out-of-fold scores over the fitted rows (``N_FOLDS`` folds, whole
+  patients per fold, fixed seed): each fitted row is scored by a model that never saw its patient.
+  ``params.threshold_from`` says which (``val``, ``carved val`` or ``oof5``).
+
 This module does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from featcache.errors import FeatcacheError
 
-from .data import ProbeData
+from .data import ProbeData, Split, merge_train_val, with_carved_val
 from .logreg import LogRegProbe
 
+N_FOLDS = 5
+"""Patient-grouped folds of the out-of-fold scores that thresholds are chosen on."""
 
-def _logreg_scores(
-    data: ProbeData, C: float | None, C_grid: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[dict[str, Any]]]:
-    """Fit the linear probe: (test scores [n, L], val scores or None, fitted bool [L], per-label extra)."""
-    L = len(data.label_names)
-    if data.task == "multiclass":
-        probe = LogRegProbe(C=C, C_grid=C_grid, task="multiclass")
-        has_val = C is None and len(data.val) > 0
-        if C is None and not has_val:
-            raise FeatcacheError(
-                f"{data.context.get('store_set')}: no validation rows to choose C on; pass --C or a val split"
+
+@dataclass
+class Scored:
+    """A fitted probe's scores and what the rows need to say about the fit.
+
+    Attributes:
+        test: float64 [n_test, L] scores of the test rows (NaN where a label could not be fitted).
+        thr_y: targets of the rows thresholds are chosen on (float [m, L] or int [m]), or None.
+        thr_s: float64 [m, L] their held-out scores, or None.
+        thr_from: ``val``, ``carved val`` or ``oof5`` (None: no threshold rows).
+        fitted: bool [L], labels the probe could be fitted for.
+        extra: per label, extra fields and params (``C``, ``params.skipped`` ...).
+        n_fit: rows the final model was fitted on.
+        fit_rows: ``train`` or ``train+val``.
+    """
+
+    test: np.ndarray
+    thr_y: np.ndarray | None
+    thr_s: np.ndarray | None
+    thr_from: str | None
+    fitted: np.ndarray
+    extra: list[dict[str, Any]] = field(default_factory=list)
+    n_fit: int = 0
+    fit_rows: str = "train"
+
+
+def patient_folds(patients: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """int [n] fold of each row, whole patients per fold, patients dealt round-robin in a seeded order.
+
+    Args:
+        patients: str [n] patient ids.
+        n_folds: folds wanted (capped at the number of patients).
+        seed: seed of ``np.random.default_rng`` for the patient order.
+
+    Returns:
+        int64 [n] in ``0 .. min(n_folds, n_patients) - 1``.
+    """
+    unique, inverse = np.unique(patients, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = np.empty(len(unique), dtype=np.int64)
+    fold_of[order] = np.arange(len(unique)) % max(1, min(n_folds, len(unique)))
+    return fold_of[inverse]
+
+
+def _take(s: Split, mask: np.ndarray) -> Split:
+    return Split(s.X[mask], s.y[mask], s.patients[mask], s.ids[mask], s.rows[mask])
+
+
+def oof_scores(
+    split: Split, fit_score: Callable[[Split, np.ndarray], Any], n_folds: int = N_FOLDS, seed: int = 0
+) -> Any:
+    """Patient-grouped out-of-fold scores of every row of ``split``.
+
+    Args:
+        split: the rows (each row is scored by a model fitted on the other folds).
+        fit_score: ``(train_split, X_query) -> scores``: float [q, L], or a dict of such arrays
+            (several settings scored from one fit, e.g. kNN's k).
+        n_folds: folds (whole patients per fold).
+        seed: seed of the fold assignment.
+
+    Returns:
+        float64 [n, L] (or a dict of them) in the row order of ``split``; NaN where a fold's model
+        had no score.
+    """
+    folds = patient_folds(split.patients, n_folds, seed)
+    out: Any = None
+    for f in np.unique(folds):
+        held = folds == f
+        s = fit_score(_take(split, ~held), split.X[held])
+        if out is None:
+            out = (
+                {k: np.full((len(split), v.shape[1]), np.nan) for k, v in s.items()}
+                if isinstance(s, dict)
+                else np.full((len(split), s.shape[1]), np.nan)
             )
-        probe.fit(data.train.X, data.train.y, *((data.val.X, data.val.y) if has_val else ()))
-        S_val = probe.predict_scores(data.val.X) if len(data.val) else None
-        extra = [{"C": float(probe.C_), "params": {"C_from": "val" if C is None else "given"}}] * L
-        return probe.predict_scores(data.test.X), S_val, np.ones(L, bool), extra
+        if isinstance(s, dict):
+            for k, v in s.items():
+                out[k][held] = v
+        else:
+            out[held] = s
+    return out
+
+
+def learnable(y: np.ndarray, task: str, n_labels: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """bool [L] labels whose rows ``y`` hold both classes, and a ``skipped`` reason for the others.
+
+    Multi-class data is always learnable (every class has train rows, checked at load time).
+    """
+    if task != "multilabel":
+        return np.ones(n_labels, bool), [{} for _ in range(n_labels)]
+    n_pos, n_neg = (y == 1).sum(axis=0), (y == 0).sum(axis=0)
+    ok = (n_pos > 0) & (n_neg > 0)
+    extra: list[dict[str, Any]] = [
+        {}
+        if ok[j]
+        else {
+            "params": {"skipped": f"fitted rows hold {int(n_pos[j])} positives and {int(n_neg[j])} negatives"}
+        }
+        for j in range(n_labels)
+    ]
+    return ok, extra
+
+
+# ---- kNN ----
+
+
+def _prevalence(Y: np.ndarray) -> np.ndarray:
+    """float [L] share of positives among the known labels (0.5 where none is known)."""
+    known = ~np.isnan(Y)
+    pos = np.where(known, Y, 0).sum(axis=0)
+    n = known.sum(axis=0)
+    return np.where(n > 0, pos / np.maximum(n, 1), 0.5)
+
+
+def _fill_undefined(S: np.ndarray, fill: np.ndarray | float, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """kNN scores float64 [n, width] with NaN (no neighbour knows the label) -> ``fill``; classes
+    above the largest one seen in train (absent from the kNN's output) -> probability 0.
+
+    Returns:
+        (scores, int [width] how many rows of each label were filled).
+    """
+    S = np.array(S, dtype=np.float64, copy=True)
+    if S.shape[1] < width:
+        S = np.concatenate([S, np.zeros((len(S), width - S.shape[1]))], axis=1)
+    bad = np.isnan(S)
+    if bad.any():
+        S[bad] = np.broadcast_to(fill, S.shape)[bad]
+    return S, bad.sum(axis=0)
+
+
+def _knn_raw(train: Split, X: np.ndarray, ks: list[int], task: str, L: int, **kw) -> dict[int, np.ndarray]:
+    from .knn import KNNProbe
+
+    probe = KNNProbe(k=ks, task=task, **kw).fit(train.X, train.y)
+    return probe.predict_scores(X)
+
+
+def knn_scores(
+    data: ProbeData, ks: Sequence[int], *, temperature: float = 0.07, seed: int = 0, thresholds: bool = True
+) -> dict[int, Scored]:
+    """kNN scores of the test rows for every k from one search over train + val.
+
+    Scores a neighbourhood cannot give (every one of the first k neighbours misses the label) are
+    filled with the label's prevalence among the indexed rows; the count filled is recorded per
+    label (``params.filled``).
+
+    Args:
+        data: loaded data.
+        ks: neighbour counts (each at most the indexed rows).
+        temperature: softmax temperature.
+        seed: seed of the out-of-fold folds.
+        thresholds: also compute out-of-fold scores for the Youden threshold.
+
+    Returns:
+        k -> :class:`Scored`.
+    """
+    pool = merge_train_val(data)
+    L = len(data.label_names)
+    task = data.task
+    fit_rows = "train+val" if len(data.val) else "train"
+    fitted, extra = learnable(pool.train.y, task, L)
+    fill = _prevalence(pool.train.y) if task == "multilabel" else 0.0
+    raw = _knn_raw(pool.train, data.test.X, list(ks), task, L, temperature=temperature)
+
+    def fold(tr: Split, X: np.ndarray) -> dict[int, np.ndarray]:
+        kk = [min(k, len(tr)) for k in ks]
+        got = _knn_raw(tr, X, sorted(set(kk)), task, L, temperature=temperature)
+        f = _prevalence(tr.y) if task == "multilabel" else 0.0
+        return {k: _fill_undefined(got[c], f, L)[0] for k, c in zip(ks, kk)}
+
+    oof = oof_scores(pool.train, fold, seed=seed) if thresholds else None
+    out = {}
+    for k in ks:
+        S, n_filled = _fill_undefined(raw[k], fill, L)
+        ex = [dict(e) for e in extra]
+        for j in np.flatnonzero(n_filled):
+            ex[j] = {
+                **ex[j],
+                "params": {
+                    **ex[j].get("params", {}),
+                    "filled": f"{int(n_filled[j])} test rows scored with the prevalence (no neighbour among the first {k} knows the label)",
+                },
+            }
+        out[k] = Scored(
+            S, pool.train.y if thresholds else None, None if oof is None else oof[k],
+            f"oof{N_FOLDS}" if thresholds else None, fitted, ex, len(pool.train), fit_rows,
+        )  # fmt: skip
+    return out
+
+
+# ---- logistic regression ----
+
+
+def _fit_fixed(split: Split, task: str, C: float, cols: np.ndarray | None = None) -> LogRegProbe:
+    y = split.y if cols is None else split.y[:, cols]
+    return LogRegProbe(C=float(C), task=task).fit(split.X, y)
+
+
+def _fixed_scores(split: Split, X: np.ndarray, task: str, C: float, L: int) -> np.ndarray:
+    """Scores [q, L] of a fixed-C fit on ``split`` (labels with one class there: NaN)."""
+    if task == "multiclass":
+        return _fit_fixed(split, task, C).predict_scores(X)
+    ok, _ = learnable(split.y, task, L)
+    S = np.full((len(X), L), np.nan)
+    if ok.any():
+        S[:, ok] = _fit_fixed(split, task, C, np.flatnonzero(ok)).predict_scores(X)
+    return S
+
+
+def logreg_scores(
+    data: ProbeData,
+    C: float | None,
+    C_grid: Sequence[float],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[Scored, ProbeData]:
+    """Fit the linear probe as the module docstring says.
+
+    Args:
+        data: loaded data (val may be empty).
+        C: a fixed C, or None to select one per label (multi-class: one) from ``C_grid`` on val.
+        C_grid: candidate C values.
+        val_fraction: share of train patients carved into val when C is selected and the store
+            has no val split.
+        seed: seed of that carve and of the out-of-fold folds.
+
+    Returns:
+        (the scores, the data as used: with a carved val when one was carved).
+    """
+    L = len(data.label_names)
+    task = data.task
+    if C is not None:
+        pool = merge_train_val(data)
+        fit_rows = "train+val" if len(data.val) else "train"
+        fitted, extra = learnable(pool.train.y, task, L)
+        S_test = _fixed_scores(pool.train, data.test.X, task, C, L)
+        S_oof = oof_scores(pool.train, lambda tr, X: _fixed_scores(tr, X, task, C, L), seed=seed)
+        for j in range(L):
+            if fitted[j]:
+                extra[j] = {"C": float(C), "params": {"C_from": "given"}}
+        scored = Scored(
+            S_test, pool.train.y, S_oof, f"oof{N_FOLDS}", fitted, extra, len(pool.train), fit_rows
+        )
+        return scored, data
+
+    carved = not len(data.val)
+    if carved:
+        data = with_carved_val(data, val_fraction, seed)
+    thr_from = "carved val" if carved else "val"
+    grid = np.sort(np.asarray(C_grid, dtype=np.float64))
+    pool = merge_train_val(data)
+    if task == "multiclass":
+        probe = LogRegProbe(C=None, C_grid=grid, task=task).fit(
+            data.train.X, data.train.y, data.val.X, data.val.y
+        )
+        c = float(probe.C_)
+        S_val = probe.predict_scores(data.val.X)
+        S_test = _fit_fixed(pool.train, task, c).predict_scores(data.test.X)
+        extra = [{"C": c, "params": {"C_from": thr_from}}] * L
+        scored = Scored(
+            S_test, data.val.y, S_val, thr_from, np.ones(L, bool), extra, len(pool.train), "train+val"
+        )
+        return scored, data
 
     Y, Yv = data.train.y, data.val.y
-    two = lambda y: (y == 1).any(axis=0) & (y == 0).any(axis=0)  # noqa: E731
-    in_train = two(Y)
-    in_val = two(Yv) if len(data.val) else np.zeros(L, bool)
+    in_train, extra = learnable(Y, task, L)
+    in_val = (Yv == 1).any(axis=0) & (Yv == 0).any(axis=0)
+    selectable = np.flatnonzero(in_train & in_val)
+    rest = np.flatnonzero(in_train & ~in_val)
+    if not len(selectable) and len(rest):
+        raise FeatcacheError(
+            f"{data.context.get('store_set')}: no label has both classes in the validation split, so C "
+            "cannot be chosen; pass --C, or give the manifest a larger val split"
+        )
+    chosen = np.full(L, np.nan)
+    S_val = np.full((len(data.val), L), np.nan)
+    if len(selectable):
+        probe = LogRegProbe(C=None, C_grid=grid, task=task).fit(
+            data.train.X, Y[:, selectable], data.val.X, Yv[:, selectable]
+        )
+        chosen[selectable] = np.atleast_1d(probe.C_)
+        S_val[:, selectable] = probe.predict_scores(data.val.X)
+        for j in selectable:
+            extra[j] = {"C": float(chosen[j]), "params": {"C_from": thr_from}}
+        if len(rest):  # one class in val: the C best on the mean val AUROC of the others
+            shared = float(grid[int(np.argmax(np.nanmean(probe.val_auroc_, axis=1)))])
+            chosen[rest] = shared
+            S_val[:, rest] = _fit_fixed(data.train, task, shared, rest).predict_scores(data.val.X)
+            for j in rest:
+                extra[j] = {"C": shared, "params": {"C_from": "shared"}}
+    # the final model: refit on train + val at each label's chosen C (labels grouped by C)
     S_test = np.full((len(data.test), L), np.nan)
-    S_val = np.full((len(data.val), L), np.nan) if len(data.val) else None
-    extra: list[dict[str, Any]] = [{} for _ in range(L)]
-    for j in np.flatnonzero(~in_train):
-        n_pos, n_neg = int((Y[:, j] == 1).sum()), int((Y[:, j] == 0).sum())
-        extra[j] = {"params": {"skipped": f"train rows hold {n_pos} positives and {n_neg} negatives"}}
-
-    def fit(cols: np.ndarray, c: float | None, source: str) -> LogRegProbe:
-        probe = LogRegProbe(C=c, C_grid=C_grid, task="multilabel")
-        if c is None:
-            probe.fit(data.train.X, Y[:, cols], data.val.X, Yv[:, cols])
-        else:
-            probe.fit(data.train.X, Y[:, cols])
-        S_test[:, cols] = probe.predict_scores(data.test.X)
-        if S_val is not None:
-            S_val[:, cols] = probe.predict_scores(data.val.X)
-        for i, j in enumerate(cols):
-            extra[j] = {"C": float(np.atleast_1d(probe.C_)[i]), "params": {"C_from": source}}
-        return probe
-
-    if C is not None:
-        if in_train.any():
-            fit(np.flatnonzero(in_train), float(C), "given")
-    else:
-        selectable = np.flatnonzero(in_train & in_val)
-        rest = np.flatnonzero(in_train & ~in_val)
-        if not len(selectable) and len(rest):
-            raise FeatcacheError(
-                f"{data.context.get('store_set')}: no label has both classes in the validation split, so C "
-                "cannot be chosen; pass --C, or give the manifest a larger val split"
-            )
-        if len(selectable):
-            probe = fit(selectable, None, "val")
-            if len(rest):
-                grid = np.sort(np.asarray(C_grid, dtype=np.float64))
-                shared = float(grid[int(np.argmax(np.nanmean(probe.val_auroc_, axis=1)))])
-                fit(rest, shared, "shared")
-    return S_test, S_val, in_train, extra
+    refit_ok, _ = learnable(pool.train.y, task, L)
+    for c in np.unique(chosen[~np.isnan(chosen)]):
+        cols = np.flatnonzero((chosen == c) & refit_ok)
+        if len(cols):
+            S_test[:, cols] = _fit_fixed(pool.train, task, float(c), cols).predict_scores(data.test.X)
+    scored = Scored(S_test, Yv, S_val, thr_from, in_train, extra, len(pool.train), "train+val")
+    return scored, data

@@ -38,21 +38,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from featcache.errors import FeatcacheError
+
 from .compare import run_compare
 from .episodes import episodes_path, load_episodes, save_episodes
-from .evaluate import (
-    DEFAULT_KS,
-    _context,
-    _evaluate,
-    _fill_undefined,
-    _finish,
-    _learnable,
-    _load,
-    _prevalence,
-)
+from .evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
 from .fewshot_run import run_fewshot
-from .fit import _logreg_scores
-from .knn import KNNProbe
+from .fit import knn_scores, logreg_scores
 from .logreg import DEFAULT_C_GRID
 from .report_run import run_report
 
@@ -82,46 +74,45 @@ def run_knn(
     aggregate: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    val_fraction: float = 0.2,
     out: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Weighted kNN probe (every k from one search), evaluated on the test split.
+    """Weighted kNN probe, ``dinov2/eval/knn.py`` (every k from one search), evaluated on test.
+
+    The index holds every labelled non-test row (train, and val when the store has one): kNN
+    selects nothing, so nothing is carved. Youden thresholds come from patient-grouped
+    out-of-fold scores over the indexed rows (:mod:`probes.fit`).
 
     Args:
         cache: feature store folder or URL.
         set_name: feature set (None: the store's only set).
         features: ``cls``, ``pooled``, ``cls+pooled``, ``layer_cls:-1`` ...
-        k: neighbour counts.
+        k: neighbour counts; one above the indexed rows is capped (``params.k_requested``).
         temperature: softmax temperature of the votes.
         labels: label columns / class names to probe (None: all).
         uncertain: uncertain-label policy: ``ignore``, ``zeros`` or ``ones``.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         n_boot: bootstrap draws for the CIs.
-        seed: bootstrap seed (and seed of a carved validation split).
-        val_fraction: share of train patients carved into validation when the store has none.
+        seed: bootstrap seed and seed of the out-of-fold folds.
         out: JSON-lines file to append the rows to.
 
     Returns:
-        The result rows (see the module docstring), ``probe = "knn"``, one block per k.
+        The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
     """
-    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate)
+    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate)
     run = _context(data, "knn")
-    asked = [int(v) for v in ([k] if np.isscalar(k) else k)]
-    ks = sorted({min(v, len(data.train)) for v in asked})  # k above the train size is that size, said once
-    probe = KNNProbe(k=ks, temperature=temperature, task=data.task).fit(data.train.X, data.train.y)
-    S_test = probe.predict_scores(data.test.X)
-    S_val = probe.predict_scores(data.val.X) if len(data.val) else None
-    prevalence = _prevalence(data.train.y) if data.task == "multilabel" else 0.0
-    params = {**run["params"], "temperature": float(temperature)}
-    if ks != sorted(set(asked)):
-        params["k_requested"] = sorted(set(asked))
-    learnable, extra = _learnable(data)  # a label without both classes in train gets no score, not 0.5
+    asked = sorted({int(v) for v in ([k] if np.isscalar(k) else k)})
+    if not asked or asked[0] < 1:
+        raise FeatcacheError(f"k must be positive integers; got {k!r}")
+    n_index = len(data.train) + len(data.val)
+    ks = sorted({min(v, n_index) for v in asked})  # k above the indexed rows is that size, said once
+    scored = knn_scores(data, ks, temperature=temperature, seed=seed)
+    params = {**run["params"], "temperature": float(temperature), "vote": "dinov2", "softmax_k": max(ks)}
+    if ks != asked:
+        params["k_requested"] = asked
     entries = []
     for kk in ks:
-        St = _fill_undefined(S_test[kk], prevalence, len(data.label_names))
-        Sv = _fill_undefined(S_val[kk], prevalence, len(data.label_names)) if S_val is not None else None
-        base = {"k": kk, "seed": int(seed), "n_train": len(data.train)}
-        entries += _evaluate(data, St, Sv, base, params, n_boot, seed, fitted=learnable, label_extra=extra)
+        base = {"k": kk, "seed": int(seed), "n_train": scored[kk].n_fit}
+        entries += evaluate_scores(data, scored[kk], base, params, n_boot, seed)
     return _finish(entries, run, out)
 
 
@@ -143,7 +134,11 @@ def run_logreg(
     val_fraction: float = 0.2,
     out: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Logistic-regression (linear) probe with C chosen on validation, evaluated on test.
+    """Logistic-regression (linear) probe, evaluated on test (:mod:`probes.fit` for the protocol).
+
+    A fixed ``C`` fits every labelled non-test row. Without ``C``, C is selected per label from
+    ``C_grid`` on val (the store's; else ``val_fraction`` of the train patients are carved off,
+    recorded as ``params.val_carved``), then the model is refit on train + val at that C.
 
     Args:
         cache: feature store folder or URL.
@@ -155,19 +150,20 @@ def run_logreg(
         uncertain: uncertain-label policy.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         n_boot: bootstrap draws.
-        seed: bootstrap seed (and seed of a carved validation split).
-        val_fraction: share of train patients carved into validation when the store has none.
+        seed: bootstrap seed, seed of a carved validation split and of the out-of-fold folds.
+        val_fraction: share of train patients carved into validation when C is selected and the
+            store has no val split.
         out: JSON-lines file to append the rows to.
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
     """
-    data = _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate)
+    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate)
+    scored, data = logreg_scores(data, C, C_grid, val_fraction=val_fraction, seed=seed)
     run = _context(data, "logreg")
-    S_test, S_val, fitted, extra = _logreg_scores(data, C, C_grid)
-    base = {"seed": int(seed), "n_train": len(data.train)}
+    base = {"seed": int(seed), "n_train": scored.n_fit}
     params = dict(run["params"])
     if C is None:
         params["C_grid"] = [float(c) for c in np.sort(np.asarray(C_grid, dtype=np.float64))]
-    entries = _evaluate(data, S_test, S_val, base, params, n_boot, seed, fitted, extra)
+    entries = evaluate_scores(data, scored, base, params, n_boot, seed)
     return _finish(entries, run, out)

@@ -35,7 +35,7 @@ def test_knn_skips_a_label_without_train_values(tmp_path):
     split = np.array(["train"] * 24 + ["val"] * 6 + ["test"] * 10)
     eff = (np.arange(n) % 2).astype(float)
     nod = ((np.arange(n) // 2) % 2).astype(float)
-    nod[split == "train"] = np.nan  # nodule never annotated in train
+    nod[split != "test"] = np.nan  # nodule never annotated in train or val (the rows a probe fits)
     X = rng.normal(size=(n, 4)).astype(np.float32)
     X[:, 0] += 3 * eff
     cache = _store(tmp_path, {"split": split, "effusion": eff, "nodule": nod}, X)
@@ -65,7 +65,7 @@ def test_repeated_labels_count_once(tmp_path):
     eff = (np.arange(30) % 2).astype(float)
     split = np.array(["train"] * 20 + ["test"] * 10)
     cache = _store(tmp_path, {"split": split, "effusion": eff}, rng.normal(size=(30, 3)).astype(np.float32))
-    rows = run_knn(cache, labels=["effusion", "effusion"], k=(3,), n_boot=10, val_fraction=0.0)
+    rows = run_knn(cache, labels=["effusion", "effusion"], k=(3,), n_boot=10)
     assert [r["label"] for r in rows if r["metric"] == "auroc"].count("effusion") == 1
 
 
@@ -93,10 +93,10 @@ def test_no_ci_from_a_single_positive_test_patient(tmp_path):
     rows = run_knn(cache, k=(5,), n_boot=50)
     auc = {r["label"]: r for r in rows if r["metric"] == "auroc"}
     assert auc["mass"]["value"] is not None and auc["mass"].get("ci_low") is None
-    assert "1 positive and 9 negative patients" in auc["mass"]["params"]["ci"]
+    assert auc["mass"]["params"]["ci"].startswith("no CI (1 positive patient, 9 negative patients in test")
     assert auc["effusion"]["ci_low"] is not None and auc["mean"]["ci_low"] is not None
     r = CliRunner().invoke(probes, ["knn", "--cache", str(cache), "--k", "5", "--bootstrap", "50"])
-    assert r.exit_code == 0 and "note: mass: not computed: 1 positive" in r.output
+    assert r.exit_code == 0 and "note: mass: no CI (1 positive patient," in r.output
 
 
 def test_fewshot_mean_uses_the_same_labels_at_every_shots(tmp_path):
@@ -115,8 +115,8 @@ def test_k_larger_than_train_is_capped_once(tmp_path):
     split = np.array(["train"] * 12 + ["val"] * 6 + ["test"] * 12)
     cache = _store(tmp_path, {"split": split, "effusion": eff}, rng.normal(size=(30, 3)).astype(np.float32))
     rows = run_knn(cache, k=(5, 50, 500), n_boot=10)
-    ks = sorted({r["k"] for r in rows})
-    assert ks == [5, 12] and rows[0]["params"]["k_requested"] == [5, 50, 500]
+    ks = sorted({r["k"] for r in rows})  # train + val rows are indexed: 18
+    assert ks == [5, 18] and rows[0]["params"]["k_requested"] == [5, 50, 500]
 
 
 def test_fewshot_shots_nobody_can_sample_do_not_empty_the_mean(tmp_path):

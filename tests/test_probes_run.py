@@ -27,20 +27,35 @@ def _pick(rows, **kv):
     return out[0]
 
 
-def _knn_reference(X_train, Y_train, X_query, k, T=0.07):
-    """Brute-force cosine kNN with exp(sim / T) weights; multi-label weighted mean, NaN ignored."""
+def _knn_reference(X_train, Y_train, X_query, k, kmax=None, T=0.07):
+    """dinov2/eval/knn.py KnnModule.forward in numpy: top-kmax cosine neighbours, softmax(sims / T)
+    over those kmax once, score at k = sum of the first k weighted votes. Multi-label: the 0/1 label
+    vector in place of the one-hot; a neighbour missing the label gives its weight to the known ones
+    of the first k in proportion (identical to dinov2 when nothing is missing)."""
+    kmax = k if kmax is None else kmax
     a = X_train / np.linalg.norm(X_train, axis=1, keepdims=True)
     q = X_query / np.linalg.norm(X_query, axis=1, keepdims=True)
     sims = q.astype(np.float64) @ a.T.astype(np.float64)
-    top = np.argsort(-sims, axis=1)[:, :k]
-    w = np.exp(np.take_along_axis(sims, top, axis=1) / T)
-    if Y_train.ndim == 1:  # multi-class: class probabilities
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :kmax]
+    s = np.take_along_axis(sims, top, axis=1) / T
+    w = np.exp(s - s.max(1, keepdims=True))
+    w = (w / w.sum(1, keepdims=True))[:, :k]
+    if Y_train.ndim == 1:  # multi-class: weighted one-hot sums
         C = int(Y_train.max()) + 1
-        onehot = np.eye(C)[Y_train[top]]
-        return (w[..., None] * onehot).sum(1) / w.sum(1, keepdims=True)
-    Yn = Y_train[top]  # [n, k, L]
+        return (w[..., None] * np.eye(C)[Y_train[top[:, :k]]]).sum(1)
+    Yn = Y_train[top[:, :k]]  # [n, k, L]
     known = ~np.isnan(Yn)
-    return (w[..., None] * np.where(known, Yn, 0)).sum(1) / (w[..., None] * known).sum(1)
+    num = (w[..., None] * np.where(known, Yn, 0)).sum(1)
+    return num * w.sum(1, keepdims=True) / (w[..., None] * known).sum(1)
+
+
+def _index(d):
+    """The rows kNN indexes and a fixed-C fit uses: train then val."""
+    return (
+        np.concatenate([d.train.X, d.val.X]),
+        np.concatenate([d.train.y, d.val.y]),
+        np.concatenate([d.train.patients, d.val.patients]),
+    )
 
 
 def _patient_bootstrap_auroc(y, s, patients, n_boot, seed):
@@ -61,19 +76,23 @@ def store(tmp_path_factory):
     return build_store(root, n_patients=50, signal=1.0, dim=6, uncertain_rows=(1,))
 
 
-def test_knn_auroc_matches_brute_force_and_sklearn(store, tmp_path):
+def test_knn_auroc_matches_dinov2_arithmetic_and_sklearn(store, tmp_path):
     out = tmp_path / "r.jsonl"
     rows = run_knn(store["cache"], k=(5, 10), n_boot=50, out=out)
     d = load_probe_data(store["cache"])
+    X, Y, _ = _index(d)
     for k in (5, 10):
-        S = _knn_reference(d.train.X, d.train.y, d.test.X, k)
+        S = _knn_reference(X, Y, d.test.X, k, kmax=10)  # one softmax over the largest k asked
         per_label = []
         for j, name in enumerate(LABELS):
             known = ~np.isnan(d.test.y[:, j])
             want = roc_auc_score(d.test.y[known, j], S[known, j])
             per_label.append(want)
-            assert _pick(rows, k=k, label=name, metric="auroc")["value"] == pytest.approx(want, abs=1e-12)
+            r = _pick(rows, k=k, label=name, metric="auroc")
+            assert r["value"] == pytest.approx(want, abs=1e-12)
+            assert r["n_train"] == len(X) and r["params"]["fit_rows"] == "train+val"
         assert _pick(rows, k=k, label="mean", metric="auroc")["value"] == pytest.approx(np.mean(per_label))
+    assert all(r["params"]["softmax_k"] == 10 and r["params"]["val_carved"] is False for r in rows)
     # every row was appended, as JSON
     assert read_jsonl(out) == json.loads(json.dumps(rows))
     assert {r["probe"] for r in rows} == {"knn"}
@@ -85,7 +104,8 @@ def test_knn_auroc_matches_brute_force_and_sklearn(store, tmp_path):
 def test_auroc_ci_is_a_patient_bootstrap_that_brackets_the_value(store):
     rows = run_knn(store["cache"], k=(10,), n_boot=200, seed=7)
     d = load_probe_data(store["cache"])
-    S = _knn_reference(d.train.X, d.train.y, d.test.X, 10)
+    X, Y, _ = _index(d)
+    S = _knn_reference(X, Y, d.test.X, 10)
     y, s, pids = d.test.y[:, 1], S[:, 1], d.test.patients
     lo, hi = _patient_bootstrap_auroc(y, s, pids, 200, 7)
     r = _pick(rows, label=LABELS[1], metric="auroc")
@@ -96,47 +116,70 @@ def test_auroc_ci_is_a_patient_bootstrap_that_brackets_the_value(store):
             assert r["ci_low"] <= r["value"] <= r["ci_high"]
 
 
-def test_youden_threshold_is_chosen_on_val_and_applied_to_test(store):
-    rows = run_knn(store["cache"], k=(10,), n_boot=20)
+def test_patient_folds_keep_patients_whole_and_balanced():
+    from probes.fit import patient_folds
+
+    patients = np.repeat([f"p{i}" for i in range(23)], np.arange(23) % 3 + 1)
+    folds = patient_folds(patients, 5, seed=3)
+    for p in np.unique(patients):
+        assert len(set(folds[patients == p])) == 1
+    per_fold = [len(set(patients[folds == f])) for f in range(5)]
+    assert sorted(per_fold) == [4, 4, 5, 5, 5]
+    np.testing.assert_array_equal(folds, patient_folds(patients, 5, seed=3))
+
+
+def test_youden_threshold_comes_from_out_of_fold_scores_and_is_applied_to_test(store):
+    from probes.fit import patient_folds
+
+    rows = run_knn(store["cache"], k=(10,), n_boot=20, seed=4)
     d = load_probe_data(store["cache"])
+    X, Y, P = _index(d)
     j = 0
-    Sv = _knn_reference(d.train.X, d.train.y, d.val.X, 10)[:, j]
-    St = _knn_reference(d.train.X, d.train.y, d.test.X, 10)[:, j]
-    yv, yt = d.val.y[:, j], d.test.y[:, j]
-    kv, kt = ~np.isnan(yv), ~np.isnan(yt)
-    fpr, tpr, thr = roc_curve(yv[kv], Sv[kv])
+    folds = patient_folds(P, 5, seed=4)
+    oof = np.full(len(X), np.nan)
+    for f in range(5):
+        held = folds == f
+        oof[held] = _knn_reference(X[~held], Y[~held], X[held], 10)[:, j]
+    St = _knn_reference(X, Y, d.test.X, 10)[:, j]
+    yv, yt = Y[:, j], d.test.y[:, j]
+    kv, kt = ~np.isnan(yv) & ~np.isnan(oof), ~np.isnan(yt)
+    fpr, tpr, thr = roc_curve(yv[kv], oof[kv])
     t = thr[np.flatnonzero((tpr - fpr) == (tpr - fpr).max())[0]]  # the highest threshold among the best
     pred = St[kt] >= t
     y = yt[kt] == 1
     sens, spec = pred[y].mean(), (~pred[~y]).mean()
     name = LABELS[j]
-    assert _pick(rows, label=name, metric="sensitivity@youden")["value"] == pytest.approx(sens)
+    r = _pick(rows, label=name, metric="sensitivity@youden")
+    assert r["value"] == pytest.approx(sens) and r["params"]["threshold"] == pytest.approx(t)
+    assert r["params"]["threshold_from"] == "oof5"
     assert _pick(rows, label=name, metric="specificity@youden")["value"] == pytest.approx(spec)
-    assert _pick(rows, label=name, metric="sensitivity@youden")["params"]["threshold"] == pytest.approx(t)
     pred5 = St[kt] >= 0.5
     f1 = 2 * (pred5 & y).sum() / (2 * (pred5 & y).sum() + (pred5 & ~y).sum() + (~pred5 & y).sum())
     assert _pick(rows, label=name, metric="f1@0.5")["value"] == pytest.approx(f1)
 
 
-def test_logreg_fixed_C_matches_sklearn(store):
+def test_logreg_fixed_C_matches_sklearn_on_train_and_val(store):
     rows = run_logreg(store["cache"], C=0.5, n_boot=20)
     d = load_probe_data(store["cache"])
-    scaler = StandardScaler().fit(d.train.X)
+    X, Y, _ = _index(d)
+    scaler = StandardScaler().fit(X)
     for j, name in enumerate(LABELS):
-        tr, te = ~np.isnan(d.train.y[:, j]), ~np.isnan(d.test.y[:, j])
+        tr, te = ~np.isnan(Y[:, j]), ~np.isnan(d.test.y[:, j])
         clf = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000)
-        clf.fit(scaler.transform(d.train.X[tr]), d.train.y[tr, j])
+        clf.fit(scaler.transform(X[tr]), Y[tr, j])
         want = roc_auc_score(d.test.y[te, j], clf.decision_function(scaler.transform(d.test.X[te])))
         r = _pick(rows, label=name, metric="auroc")
         assert r["value"] == pytest.approx(want, abs=1e-9)
-        assert r["C"] == 0.5 and r["params"]["C_from"] == "given"
+        assert r["C"] == 0.5 and r["params"]["C_from"] == "given" and r["params"]["val_carved"] is False
 
 
-def test_logreg_C_is_selected_on_val_only(store):
+def test_logreg_C_is_selected_on_val_then_refit_on_train_and_val(store):
     grid = (1e-3, 1e-1, 10.0)
     rows = run_logreg(store["cache"], C_grid=grid, n_boot=20)
     d = load_probe_data(store["cache"])
     scaler = StandardScaler().fit(d.train.X)
+    X, Y, _ = _index(d)
+    scaler_all = StandardScaler().fit(X)
     for j, name in enumerate(LABELS):
         tr, va = ~np.isnan(d.train.y[:, j]), ~np.isnan(d.val.y[:, j])
         val_auc = []
@@ -149,7 +192,23 @@ def test_logreg_C_is_selected_on_val_only(store):
         best = grid[int(np.argmax(np.round(val_auc, 12)))]  # first maximum: ties go to the smaller C
         r = _pick(rows, label=name, metric="auroc")
         assert r["C"] == best and r["params"]["C_from"] == "val"
+        # the final model is the train + val fit at the chosen C (dinov2 log_regression.py)
+        known, te = ~np.isnan(Y[:, j]), ~np.isnan(d.test.y[:, j])
+        final = LogisticRegression(C=best, tol=1e-10, max_iter=10000)
+        final.fit(scaler_all.transform(X[known]), Y[known, j])
+        want = roc_auc_score(d.test.y[te, j], final.decision_function(scaler_all.transform(d.test.X[te])))
+        assert r["value"] == pytest.approx(want, abs=1e-6) and r["params"]["fit_rows"] == "train+val"
     assert _pick(rows, label="mean", metric="auroc")["params"]["C_grid"] == list(grid)
+
+
+def test_logreg_grid_without_val_carves_and_says_so(tmp_path):
+    s = build_store(tmp_path, n_patients=40, signal=1.0, with_val=False)
+    rows = run_logreg(s["cache"], C_grid=(0.01, 1.0), n_boot=20, val_fraction=0.25, seed=3)
+    r = _pick(rows, label="mean", metric="auroc")
+    assert r["params"]["val_carved"] is True and r["params"]["val_fraction"] == 0.25
+    assert r["params"]["threshold_from"] == "carved val"
+    fixed = run_logreg(s["cache"], C=1.0, n_boot=20)  # nothing selected: nothing carved
+    assert all(x["params"]["val_carved"] is False for x in fixed)
 
 
 def test_logreg_labels_that_cannot_be_fitted_or_tuned(tmp_path):
@@ -179,7 +238,8 @@ def test_multiclass_knn_and_logreg(tmp_path):
     s = build_store(tmp_path, task="multiclass", n_patients=45, signal=1.5)
     rows = run_knn(s["cache"], k=(7,), n_boot=30)
     d = load_probe_data(s["cache"])
-    P = _knn_reference(d.train.X, d.train.y, d.test.X, 7)
+    X, Y, _ = _index(d)
+    P = _knn_reference(X, Y, d.test.X, 7)
     assert _pick(rows, label="mean", metric="auroc")["value"] == pytest.approx(
         roc_auc_score(d.test.y, P, multi_class="ovr", average="macro")
     )
@@ -194,8 +254,8 @@ def test_multiclass_knn_and_logreg(tmp_path):
     assert bal["value"] == pytest.approx(balanced_accuracy_score(d.test.y, P.argmax(1)))
 
     rows = run_logreg(s["cache"], C=1.0, n_boot=20)
-    scaler = StandardScaler().fit(d.train.X)
-    clf = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(scaler.transform(d.train.X), d.train.y)
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(scaler.transform(X), Y)
     proba = clf.predict_proba(scaler.transform(d.test.X))
     assert _pick(rows, label="mean", metric="auroc")["value"] == pytest.approx(
         roc_auc_score(d.test.y, proba, multi_class="ovr"), abs=1e-6

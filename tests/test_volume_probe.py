@@ -36,7 +36,7 @@ def test_knn_on_volumes_pools_slices_per_volume(tmp_path):
         progress=False,
     )  # fmt: skip
     assert r.n == 16 * 6 and r.failed == 0
-    rows = run_knn(tmp_path / "cache", k=(3,), aggregate="mean", n_boot=50, val_fraction=0.0)
+    rows = run_knn(tmp_path / "cache", k=(3,), aggregate="mean", n_boot=50)
     mean = next(x for x in rows if x["label"] == "mean" and x["metric"] == "auroc")
     assert mean["n_test"] == 6 and mean["params"]["aggregate"] == "mean"
 
