@@ -892,6 +892,34 @@ def _echo_notes(rows: list[dict]) -> None:
                 click.echo(f"note: {r['label']}: {'no result, ' if key == 'skipped' else ''}{why}")
 
 
+def _echo_protocol(rows: list[dict]) -> None:
+    """What was fitted on which rows, and every choice made on the user's behalf, once per run."""
+    if not rows:
+        return
+    p = rows[0].get("params") or {}
+    parts = []
+    if p.get("fit_rows"):
+        parts.append(f"fitted on {p['fit_rows']} ({rows[0].get('n_train')} rows)")
+    if p.get("val_carved"):
+        parts.append(
+            f"no val split: {p.get('val_fraction'):g} of the train patients carved off to select C "
+            f"(seed {p.get('split_seed')}), then refit on all of them"
+        )
+    if p.get("threshold_from"):
+        parts.append(f"Youden thresholds from {p['threshold_from']} scores")
+    if p.get("k_requested"):
+        parts.append(f"k {p['k_requested']} capped at the {rows[0].get('n_train')} indexed rows")
+    if parts:
+        click.echo("protocol: " + "; ".join(parts))
+    filled = {}
+    for r in rows:
+        why = (r.get("params") or {}).get("filled")
+        if why and r.get("metric") == "auroc":
+            filled.setdefault(r["label"], why)
+    for label, why in filled.items():
+        click.echo(f"note: {label}: {why}")
+
+
 def _echo_header(rows: list[dict], what: str) -> None:
     r = next((r for r in rows if r.get("label") == "mean"), rows[0])
     click.echo(
@@ -921,6 +949,7 @@ def knn(cache, set_name, features, labels, uncertain, aggregate, out, k, tempera
         out=out, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, "knn")
+    _echo_protocol(rows)
     click.echo(f"{'k':>5}  mean AUROC [95% CI]")
     for r in rows:
         if r["label"] == "mean" and r["metric"] == "auroc":
@@ -951,6 +980,7 @@ def logreg(
         uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out, aggregate=aggregate,
     )  # fmt: skip
     _echo_header(rows, "logreg")
+    _echo_protocol(rows)
     click.echo(f"{'label':24} {'C':>8}  AUROC [95% CI]")
     for r in rows:
         if r["metric"] == "auroc":
