@@ -323,9 +323,16 @@ def demo(out: str, model: str, res: int, patients: int) -> None:
 
     Example: featcache demo --out demo/
     """
-    from featcache.demo import run_demo
+    from featcache.demo import demo_extract
+    from probes.demo import demo_probes
 
-    for line in run_demo(out, model=model, res=res, n_patients=patients):
+    result = None
+    for item in demo_extract(out, model=model, res=res, n_patients=patients):
+        if isinstance(item, str):
+            click.echo(item)
+        else:
+            result = item
+    for line in demo_probes(out, result.set_name):
         click.echo(line)
 
 

@@ -127,17 +127,20 @@ def make_demo_dataset(
     return write_manifest(out / "manifest.csv", cols)
 
 
-def run_demo(out: str | Path, model: str = "random:dinov3-vits16", res: int = 112, n_patients: int = 48):
-    """Generate the synthetic dataset, extract it, run kNN, logistic regression and few-shot, report.
+def demo_extract(out: str | Path, model: str = "random:dinov3-vits16", res: int = 112, n_patients: int = 48):
+    """The featcache half of the demo: generate the synthetic dataset and extract it.
+
+    The probes half is :func:`probes.demo.demo_probes`; ``featcache demo`` runs one after the other.
 
     Args:
-        out: folder for ``data/``, ``cache/``, ``results.jsonl``, ``report.md`` and ``fewshot.png``.
+        out: folder for ``data/`` and ``cache/``.
         model: backbone; the default is a random-init DINOv3 ViT-S/16 (no download).
         res: input resolution.
         n_patients: patients to generate (two images each).
 
     Yields:
-        Lines of text describing each step and where its output went.
+        Lines of text describing each step; the last value yielded is the extraction's result
+        (:class:`featcache.extract.ExtractResult`), not a line.
     """
     from featcache.extract import ExtractConfig, extract
 
@@ -150,28 +153,4 @@ def run_demo(out: str | Path, model: str = "random:dinov3-vits16", res: int = 11
     )  # fmt: skip
     r = extract(cfg, progress=False)
     yield f"extract:  {r.set_name}: {r.n - r.failed - r.pending}/{r.n} rows in {r.seconds:.1f} s -> {out / 'cache'}"
-
-    from probes.results import read_jsonl
-    from probes.run import run_fewshot, run_knn, run_logreg, run_report
-
-    results = out / "results.jsonl"
-    for stale in out.glob("results.jsonl*"):
-        stale.unlink()
-    cache = str(out / "cache")
-    run_knn(cache, r.set_name, out=results, n_boot=200)
-    run_logreg(cache, r.set_name, out=results, n_boot=200)
-    run_fewshot(cache, r.set_name, shots=[1, 2, 4, 8], seeds=5, out=results)
-    yield f"probes:   kNN, logistic regression, few-shot 1..8 shots x 5 seeds -> {results} ({len(read_jsonl(results))} rows)"
-    try:
-        md = run_report(results, by=("model", "res"), columns="dataset", plot=out / "fewshot.png")
-        plot_line = f"plot:     {out / 'fewshot.png'}"
-    except ImportError as e:  # matplotlib is an optional extra
-        md = run_report(results, by=("model", "res"), columns="dataset")
-        plot_line = f"plot:     skipped ({e})"
-    (out / "report.md").write_text(md)
-    yield f"report:   {out / 'report.md'}"
-    yield plot_line
-    yield ""
-    yield md.rstrip()
-    yield ""
-    yield f"next: featcache info {cache} ; probes report {results} --help ; featcache extract --help"
+    yield r
