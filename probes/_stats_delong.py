@@ -149,6 +149,17 @@ def _count_reason(n_pos: int, n_neg: int, unit: str = "patient") -> str | None:
     return ", ".join(short) or None
 
 
+def _patients_per_class(yy: np.ndarray, pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct patients with a positive / a negative row per label of yy [n, L]: int [L] each."""
+    _, inv = np.unique(pid, return_inverse=True)
+    n_pat = int(inv.max()) + 1
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.array([np.count_nonzero(np.bincount(inv[c], minlength=n_pat)) for c in mask.T], int)
+
+    return count(yy == 1), count(yy == 0)
+
+
 def _clustered_components(y, scores: np.ndarray, patient_ids):
     """AUROCs [K], Obuchowski covariance [K, K], patient counts and reason, for scores [K, n]."""
     yy, s, pid = _known(y, scores, patient_ids)

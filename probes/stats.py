@@ -50,6 +50,7 @@ from probes._stats_delong import (
     ClusteredDeLongResult,
     DeLongResult,
     _count_reason,
+    _patients_per_class,
     clustered_delong,
     clustered_delong_var,
     delong,
@@ -230,17 +231,6 @@ def _fast_values(metric_fn, y, score, counts, inverse):
 def _both_classes(yy: np.ndarray) -> np.ndarray:
     """bool [L]: labels of yy [n, L] with a positive and a negative row."""
     return (yy == 1).any(axis=0) & (yy == 0).any(axis=0)
-
-
-def _patients_per_class(yy: np.ndarray, pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct patients with a positive / a negative row per label of yy [n, L]: int [L] each."""
-    _, inv = np.unique(pid, return_inverse=True)
-    n_pat = int(inv.max()) + 1
-
-    def count(mask: np.ndarray) -> np.ndarray:
-        return np.array([np.count_nonzero(np.bincount(inv[c], minlength=n_pat)) for c in mask.T], int)
-
-    return count(yy == 1), count(yy == 0)
 
 
 def _ci_reason(metric_fn: Callable, y, patient_ids):
