@@ -1,14 +1,29 @@
-"""Uncertainty and comparisons: patient-level bootstrap, DeLong's test, Holm correction.
+"""Uncertainty and comparisons at the patient level: bootstrap, (clustered) DeLong, Holm.
 
 Patient-level bootstrap. Images of one patient are correlated, so a draw resamples *patients* with
 replacement, never images: all images of a drawn patient come along, counted as many times as the
 patient was drawn. The draws are reproducible from the seed alone (see :func:`bootstrap_draws`):
 ``rng = np.random.default_rng(seed)``, ``rng.integers(0, P, size=(n_boot, P))`` over the sorted
-distinct patient ids. The interval is the percentile interval of the metric over the draws
-(``np.percentile``'s default linear interpolation). A draw on which the metric is undefined (NaN,
-e.g. AUROC of a resample that holds one class only) is skipped: the percentiles use the remaining
-draws and the number skipped is reported in ``n_skipped`` of the result, so a reader can tell an
-interval resting on 1000 draws from one resting on 600.
+distinct patient ids; every interval and paired test of a run uses these same draws. The interval
+is the percentile interval of the metric over the draws (``np.percentile``'s default linear
+interpolation). A draw on which the metric is undefined (NaN, e.g. AUROC of a resample that holds
+one class only) is skipped: the percentiles use the remaining draws and the number skipped is
+reported in ``n_skipped`` of the result, so a reader can tell an interval resting on 1000 draws
+from one resting on 600.
+
+The mean AUROC over labels (:func:`probes.metrics.mean_auroc`) averages, in every draw, exactly the
+labels defined in the point estimate (both classes present on all rows): a draw in which any of
+them lacks a class is rejected (counted in ``n_skipped``), never averaged over fewer labels. Averaging
+whichever labels a draw happens to keep would mix different label sets and pull the draws away from
+the point estimate (rare labels, often the hard ones, drop out of some draws). Rejection was chosen
+over a stratified patient bootstrap because no stratification of patients keeps both classes of
+every label of a multi-label task at once, while rejection keeps the one documented draw stream.
+
+No interval from too few patients. An AUROC interval (or paired p-value) needs at least
+:data:`MIN_PATIENTS` (2) patients with a positive and 2 with a negative row, per label; other
+metrics need 2 patients. Otherwise the bounds (and p) are NaN and ``reason`` says why, e.g.
+``"1 positive patient"``: with one positive patient every draw either repeats that patient or loses
+the label, and the interval would look far tighter than it is (zero width with one patient).
 
 Fast path: for :func:`probes.metrics.auroc`, :func:`~probes.metrics.auroc_per_label` and
 :func:`~probes.metrics.mean_auroc` a resample is expressed as integer weights (how often each image
@@ -16,30 +31,49 @@ was drawn) and all draws are scored together by the weighted rank AUROC, sorting
 label; the result equals materialising every resample. Any other ``metric_fn(y, score)`` is called
 once per draw on the resampled rows.
 
-DeLong's test (fast midrank algorithm of Sun & Xu, 2014) treats images as independent; with several
-images per patient prefer :func:`paired_bootstrap`.
+DeLong's test treats images as independent; :func:`clustered_delong` (Obuchowski 1997) treats
+patients as the units (see :mod:`probes._stats_delong`). :func:`headline_p` picks the p-value to
+headline a paired comparison and says which (``p_method``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from probes import metrics
+from probes._stats_delong import (
+    MIN_PATIENTS,
+    AUCVar,
+    ClusteredDeLongResult,
+    DeLongResult,
+    _count_reason,
+    _patients_per_class,
+    clustered_delong,
+    clustered_delong_var,
+    delong,
+    delong_var,
+)
 from probes.metrics import _binary_labels, _finite_scores, _rank_auroc, _tie_bounds
 
 __all__ = [
     "CI",
+    "MIN_PATIENTS",
+    "AUCVar",
+    "ClusteredDeLongResult",
     "DeLongResult",
+    "HeadlineP",
     "PairedResult",
     "bootstrap_ci",
     "bootstrap_draws",
     "bootstrap_values",
+    "clustered_delong",
+    "clustered_delong_var",
     "delong",
     "delong_var",
+    "headline_p",
     "holm",
     "paired_bootstrap",
 ]
@@ -55,17 +89,21 @@ class CI(tuple):
         low: lower bound (float, or float64 [L] for a per-label metric).
         high: upper bound, same shape as ``low``.
         n_boot: number of draws made.
-        n_skipped: draws on which the metric was undefined and that were left out (int, or int [L]).
+        n_skipped: draws on which the metric was undefined and that were left out (int, or int [L]);
+            ``n_boot`` where no interval was computed.
+        reason: None, or why the bounds are NaN (e.g. ``"1 positive patient"``); for a per-label
+            metric a list [L] of str or None.
     """
 
-    def __new__(cls, low, high, n_boot: int, n_skipped):
+    def __new__(cls, low, high, n_boot: int, n_skipped, reason=None):
         self = super().__new__(cls, (low, high))
         self.n_boot = n_boot
         self.n_skipped = n_skipped
+        self.reason = reason
         return self
 
     def __getnewargs__(self):  # so results survive pickling (e.g. from joblib workers)
-        return (*self, self.n_boot, self.n_skipped)
+        return (*self, self.n_boot, self.n_skipped, self.reason)
 
     low = property(lambda self: self[0])
     high = property(lambda self: self[1])
@@ -78,19 +116,21 @@ class PairedResult(tuple):
         diff: metric(score_a) - metric(score_b) on all rows (float, or float64 [L]).
         low: lower bound of the percentile interval of the difference.
         high: upper bound.
-        p: two-sided bootstrap p-value for "no difference".
+        p: two-sided bootstrap p-value for "no difference" (definition in :func:`paired_bootstrap`).
         n_boot: number of draws made.
         n_skipped: draws left out because the metric was undefined on them.
+        reason: None, or why low, high and p are NaN (str, or list [L] of str or None).
     """
 
-    def __new__(cls, diff, low, high, p, n_boot: int, n_skipped):
+    def __new__(cls, diff, low, high, p, n_boot: int, n_skipped, reason=None):
         self = super().__new__(cls, (diff, low, high, p))
         self.n_boot = n_boot
         self.n_skipped = n_skipped
+        self.reason = reason
         return self
 
     def __getnewargs__(self):
-        return (*self, self.n_boot, self.n_skipped)
+        return (*self, self.n_boot, self.n_skipped, self.reason)
 
     diff = property(lambda self: self[0])
     low = property(lambda self: self[1])
@@ -98,15 +138,20 @@ class PairedResult(tuple):
     p = property(lambda self: self[3])
 
 
-class DeLongResult(NamedTuple):
-    """Outcome of :func:`delong` (all floats)."""
+class HeadlineP(NamedTuple):
+    """Outcome of :func:`headline_p`.
 
-    auc_a: float
-    auc_b: float
-    diff: float  # auc_a - auc_b
-    var: float  # variance of diff
-    z: float
-    p: float  # two-sided
+    ``p`` two-sided; ``p_method`` one of ``"delong"``, ``"clustered_delong"``,
+    ``"paired_patient_bootstrap"``; ``reason`` None or why p is NaN; ``diff`` metric(a) - metric(b);
+    ``detail`` the underlying :class:`DeLongResult`, :class:`ClusteredDeLongResult` or
+    :class:`PairedResult`.
+    """
+
+    p: float
+    p_method: str
+    reason: str | None
+    diff: float
+    detail: object
 
 
 def bootstrap_draws(patient_ids, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -172,13 +217,54 @@ def _fast_values(metric_fn, y, score, counts, inverse):
             raise ValueError(
                 f"{metric_fn.__name__} needs Y and S of shape [n, L], got {yy.shape} and {ss.shape}"
             )
-        per_label = _weighted_auroc_draws(yy, ss, counts, inverse)
         if metric_fn is metrics.auroc_per_label:
-            return per_label
-        ok = ~np.isnan(per_label)
-        with np.errstate(invalid="ignore"):
-            return np.where(ok.any(axis=1), np.where(ok, per_label, 0).sum(axis=1) / ok.sum(axis=1), np.nan)
+            return _weighted_auroc_draws(yy, ss, counts, inverse)
+        # the mean averages the labels of the point estimate in every draw; a draw where one of
+        # them lacks a class is NaN (rejected), never a mean over fewer labels
+        in_mean = _both_classes(yy)
+        if not in_mean.any():
+            return np.full(len(counts), np.nan)
+        return _weighted_auroc_draws(yy[:, in_mean], ss[:, in_mean], counts, inverse).mean(axis=1)
     return None
+
+
+def _both_classes(yy: np.ndarray) -> np.ndarray:
+    """bool [L]: labels of yy [n, L] with a positive and a negative row."""
+    return (yy == 1).any(axis=0) & (yy == 0).any(axis=0)
+
+
+def _ci_reason(metric_fn: Callable, y, patient_ids):
+    """Why no interval may be computed: None / str, or a list [L] for ``auroc_per_label``.
+
+    AUROC metrics need :data:`MIN_PATIENTS` positive and negative patients per label (the mean:
+    at least one label with both classes); any other metric needs :data:`MIN_PATIENTS` patients.
+    """
+    pid = np.asarray(patient_ids)
+    if metric_fn is metrics.auroc or metric_fn is metrics.auroc_per_label:
+        yy = _binary_labels(y)
+        pos, neg = _patients_per_class(yy.reshape(len(yy), -1), pid)
+        reasons = [_count_reason(int(a), int(b)) for a, b in zip(pos, neg)]
+        return reasons[0] if metric_fn is metrics.auroc else reasons
+    if metric_fn is metrics.mean_auroc:
+        yy = _binary_labels(y)
+        return None if yy.ndim == 2 and _both_classes(yy).any() else "no label with both classes"
+    n_pat = len(np.unique(pid))
+    return None if n_pat >= MIN_PATIENTS else f"{n_pat} patient{'' if n_pat == 1 else 's'}"
+
+
+def _blank(reason, n_boot: int, *arrays):
+    """NaN the entries of ``arrays`` (and set n_skipped = n_boot) where ``reason`` is not None."""
+    if reason is None or (isinstance(reason, list) and not any(reason)):
+        return arrays
+    if not isinstance(reason, list):
+        return tuple(float("nan") if not isinstance(a, (int, np.integer)) else n_boot for a in arrays)
+    bad = np.array([r is not None for r in reason])
+    out = []
+    for a in arrays:
+        a = np.array(a, copy=True)
+        a[bad] = n_boot if np.issubdtype(a.dtype, np.integer) else np.nan
+        out.append(a)
+    return tuple(out)
 
 
 def _draw_values(metric_fn: Callable, y, score, counts: np.ndarray, inverse: np.ndarray) -> np.ndarray:
@@ -258,12 +344,17 @@ def bootstrap_ci(
         alpha: 1 - coverage (0.05 gives a 95% interval).
 
     Returns:
-        :class:`CI` ``(low, high)`` with ``n_boot`` and ``n_skipped`` (draws where the metric was
-        undefined, left out of the percentiles); bounds are NaN when every draw was undefined.
+        :class:`CI` ``(low, high)`` with ``n_boot``, ``n_skipped`` (draws where the metric was
+        undefined, left out of the percentiles; for ``mean_auroc`` the draws where a label of the
+        point estimate lacked a class) and ``reason``. Bounds are NaN, with ``reason`` set, when
+        the patients are too few (see the module docstring); NaN without a reason when every draw
+        was undefined.
     """
     values = bootstrap_values(metric_fn, y, score, patient_ids, n_boot, seed)
     low, high, n_skipped = _percentiles(values, alpha)
-    return CI(low, high, n_boot, n_skipped)
+    reason = _ci_reason(metric_fn, y, patient_ids)
+    low, high, n_skipped = _blank(reason, n_boot, low, high, n_skipped)
+    return CI(low, high, n_boot, n_skipped, reason)
 
 
 def paired_bootstrap(
@@ -279,10 +370,17 @@ def paired_bootstrap(
     """Paired patient-level bootstrap of the difference of a metric between two score sets.
 
     Both score sets (e.g. two backbones' probes on the same test images) are evaluated on the same
-    draws, so the interval reflects the correlation between them. The p-value is two-sided:
-    ``p = min(1, 2 * (min(#{d <= 0}, #{d >= 0}) + 1) / (m + 1))`` over the m defined draws d, so it
-    agrees with the percentile interval (p < alpha about when the interval excludes 0) and is never
-    exactly 0 (the smallest value is about 2 / n_boot).
+    draws, so the interval reflects the correlation between them. With d_b = metric_b(a) -
+    metric_b(b) on draw b and m the number of draws where d_b is defined, the p-value is two-sided:
+
+        ``p = min(1, 2 * (min(#{d_b <= 0}, #{d_b >= 0}) + 1) / (m + 1))``
+
+    (the +1 counts the observed data as one more draw, so p is never exactly 0: the smallest value
+    is about 2 / n_boot; identical score sets give p = 1). p < alpha about when the percentile
+    interval excludes 0. A draw is left out when the metric is undefined on it for *either* set;
+    for the AUROC metrics that depends on the labels of the draw only (scores are finite), so the
+    same draws are left out on both sides, and for ``mean_auroc`` both sides average the labels of
+    the point estimate in every draw.
 
     Args:
         metric_fn: as in :func:`bootstrap_ci`.
@@ -295,8 +393,9 @@ def paired_bootstrap(
         alpha: 1 - coverage of the interval.
 
     Returns:
-        :class:`PairedResult` ``(diff, low, high, p)`` for metric(a) - metric(b), with ``n_boot`` and
-        ``n_skipped`` (draws where either metric was undefined).
+        :class:`PairedResult` ``(diff, low, high, p)`` for metric(a) - metric(b), with ``n_boot``,
+        ``n_skipped`` (draws where either metric was undefined) and ``reason`` (low, high and p are
+        NaN when the patients are too few, as in :func:`bootstrap_ci`; diff is still given).
     """
     _check_lengths(patient_ids, y=y, score_a=score_a, score_b=score_b)
     counts, inverse = _image_counts(patient_ids, n_boot, seed)
@@ -312,90 +411,69 @@ def paired_bootstrap(
     below = (ok & (np.nan_to_num(d, nan=1.0) <= 0)).sum(axis=0)
     above = (ok & (np.nan_to_num(d, nan=-1.0) >= 0)).sum(axis=0)
     p = np.where(m > 0, np.minimum(1.0, 2.0 * (np.minimum(below, above) + 1) / (m + 1)), np.nan)
+    reason = _ci_reason(metric_fn, y, patient_ids)
     if d.ndim == 1:
-        return PairedResult(float(diff), low, high, float(p), n_boot, n_skipped)
-    return PairedResult(diff, low, high, p, n_boot, n_skipped)
+        low, high, p, n_skipped = _blank(reason, n_boot, low, high, float(p), n_skipped)
+        return PairedResult(float(diff), low, high, p, n_boot, n_skipped, reason)
+    low, high, p, n_skipped = _blank(reason, n_boot, low, high, p, n_skipped)
+    return PairedResult(diff, low, high, p, n_boot, n_skipped, reason)
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks along the last axis, ties sharing their mean rank: float64, same shape."""
-    order = np.argsort(x, axis=-1)
-    xs = np.take_along_axis(x, order, axis=-1)
-    first, last = _tie_bounds(xs)
-    idx = np.broadcast_to(np.arange(x.shape[-1], dtype=np.float64), x.shape)
-    sorted_ranks = idx + 1 if first is None else (first + last) / 2 + 1
-    ranks = np.empty(x.shape)
-    np.put_along_axis(ranks, order, sorted_ranks, axis=-1)
-    return ranks
+def _one_image_each(y, patient_ids) -> bool:
+    """True when every patient holds at most one row with a label in y [n]."""
+    known = ~np.isnan(_binary_labels(y))
+    _, counts = np.unique(np.asarray(patient_ids)[known], return_counts=True)
+    return bool((counts <= 1).all())
 
 
-def _delong_components(y, scores: np.ndarray):
-    """AUROCs [K] and DeLong covariance [K, K] of K score vectors [K, n] on one binary label."""
+def headline_p(
+    y, score_a, score_b, patient_ids, method: str = "auto", n_boot: int = 1000, seed: int = 0
+) -> HeadlineP:
+    """The p-value to headline a paired AUROC comparison, and which test gave it.
+
+    ``method="auto"`` picks a patient-level test: for one label (y [n]) the clustered DeLong test
+    (:func:`clustered_delong`) when any patient holds several labelled images, and ordinary
+    :func:`delong` only when every patient holds one (the two then agree exactly); for the mean
+    AUROC over labels (y [n, L]) the paired patient bootstrap of :func:`paired_bootstrap` with
+    ``metrics.mean_auroc`` (no DeLong form averages labels). Holm's correction (:func:`holm`) is
+    then applied over the labels' p-values.
+
+    Args:
+        y: 0/1 labels [n] (one label) or [n, L] (the mean AUROC), NaN = missing.
+        score_a: float, same shape as y: the first feature set's scores.
+        score_b: float, same shape: the second set's scores.
+        patient_ids: [n] patient id of each row.
+        method: ``"auto"``, ``"clustered_delong"``, ``"delong"`` or ``"paired_patient_bootstrap"``
+            (the first three need y [n]).
+        n_boot: draws of the bootstrap (used by ``paired_patient_bootstrap`` only).
+        seed: seed of the draws.
+
+    Returns:
+        :class:`HeadlineP` ``(p, p_method, reason, diff, detail)``; p is NaN with a ``reason`` when
+        fewer than 2 patients hold a positive (or a negative) row.
+    """
     yy = _binary_labels(y)
-    s = _finite_scores(scores)
-    ok = ~np.isnan(yy)
-    yy, s = yy[ok], s[:, ok]
-    x, z = s[:, yy == 1], s[:, yy == 0]
-    m, n = x.shape[1], z.shape[1]
-    k = len(s)
-    if m == 0 or n == 0:
-        return np.full(k, np.nan), np.full((k, k), np.nan)
-    tx, tz_ = _midranks(x), _midranks(z)
-    t = _midranks(np.concatenate([x, z], axis=1))
-    auc = (t[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    # placement values: V10 = share of negatives below each positive, V01 = share of positives above each negative
-    v10 = (t[:, :m] - tx) / n
-    v01 = 1.0 - (t[:, m:] - tz_) / m
-    if m < 2 or n < 2:
-        return auc, np.full((k, k), np.nan)
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return auc, cov
-
-
-def delong_var(y, score) -> tuple[float, float]:
-    """AUROC of one score vector and its DeLong variance.
-
-    Args:
-        y: 0/1 [n] (NaN = missing, left out).
-        score: float [n].
-
-    Returns:
-        ``(auc, var)``; var is NaN with fewer than 2 positives or 2 negatives.
-    """
-    auc, cov = _delong_components(y, np.asarray(score, dtype=np.float64)[None, :])
-    return float(auc[0]), float(cov[0, 0])
-
-
-def delong(y, score_a, score_b) -> DeLongResult:
-    """DeLong's test for two correlated ROC curves (same images, two score vectors).
-
-    Args:
-        y: 0/1 [n] (NaN = missing, left out).
-        score_a: float [n], first model's scores.
-        score_b: float [n], second model's scores.
-
-    Returns:
-        :class:`DeLongResult` ``(auc_a, auc_b, diff, var, z, p)`` with ``diff = auc_a - auc_b``,
-        ``var`` its variance, ``z = diff / sqrt(var)`` and the two-sided normal p-value. Identical
-        curves give ``z = 0, p = 1``; too few positives/negatives give NaN.
-    """
-    a = np.asarray(score_a, dtype=np.float64)
-    b = np.asarray(score_b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"score_a and score_b must both be [n], got {a.shape} and {b.shape}")
-    auc, cov = _delong_components(y, np.stack([a, b]))
-    diff = float(auc[0] - auc[1])
-    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    if var < 0:  # rounding when the two curves are (nearly) identical
-        var = 0.0
-    if math.isnan(var) or math.isnan(diff):
-        z = p = float("nan")
-    elif var <= 1e-15:
-        z, p = (0.0, 1.0) if abs(diff) < 1e-12 else (math.copysign(math.inf, diff), 0.0)
-    else:
-        z = diff / math.sqrt(var)
-        p = math.erfc(abs(z) / math.sqrt(2))
-    return DeLongResult(float(auc[0]), float(auc[1]), diff, var, z, p)
+    if method not in ("auto", "clustered_delong", "delong", "paired_patient_bootstrap"):
+        raise ValueError(f"unknown method {method!r}")
+    _check_lengths(patient_ids, y=yy, score_a=score_a, score_b=score_b)
+    if yy.ndim == 2 and method not in ("auto", "paired_patient_bootstrap"):
+        raise ValueError(f"method {method!r} needs y [n]; the mean over labels takes the bootstrap")
+    if method == "auto":
+        if yy.ndim == 2:
+            method = "paired_patient_bootstrap"
+        else:
+            method = "delong" if _one_image_each(yy, patient_ids) else "clustered_delong"
+    if method == "paired_patient_bootstrap":
+        fn = metrics.mean_auroc if yy.ndim == 2 else metrics.auroc
+        pb = paired_bootstrap(fn, yy, score_a, score_b, patient_ids, n_boot, seed)
+        return HeadlineP(float(pb.p), method, pb.reason, float(pb.diff), pb)
+    if method == "clustered_delong":
+        cd = clustered_delong(yy, score_a, score_b, patient_ids)
+        return HeadlineP(cd.p, method, cd.reason, cd.diff, cd)
+    dl = delong(yy, score_a, score_b)
+    pos, neg = _patients_per_class(yy[:, None], np.asarray(patient_ids))
+    reason = _count_reason(int(pos[0]), int(neg[0]))
+    return HeadlineP(float("nan") if reason else dl.p, method, reason, dl.diff, dl)
 
 
 def holm(pvalues) -> np.ndarray:

@@ -185,17 +185,18 @@ def test_duplicated_images_do_not_narrow_the_patient_ci():
 
 
 def test_undefined_draws_are_skipped_and_counted():
-    # one positive patient: draws that miss it have no positives, so AUROC is undefined there
-    n = 20
+    # two positive patients: draws that miss both have no positives, so AUROC is undefined there
+    n = 12
     pid = np.array([f"p{i:02d}" for i in range(n)])
     y = np.zeros(n)
-    y[0] = 1
+    y[:2] = 1
     s = np.linspace(0, 1, n)
     patients, draws = S.bootstrap_draws(pid, n_boot=300, seed=2)
-    without_positive = int(np.sum(~np.any(draws == np.searchsorted(patients, "p00"), axis=1)))
+    pos = np.searchsorted(patients, ["p00", "p01"])
+    without_positive = int(np.sum(~np.isin(draws, pos).any(axis=1)))
     ci = S.bootstrap_ci(M.auroc, y, s, pid, n_boot=300, seed=2)
     assert 0 < ci.n_skipped == without_positive
-    assert ci.n_boot == 300
+    assert ci.n_boot == 300 and ci.reason is None
     again = pickle.loads(pickle.dumps(ci))  # e.g. returned from a worker process
     assert (tuple(again), again.n_boot, again.n_skipped) == (tuple(ci), 300, ci.n_skipped)
 
