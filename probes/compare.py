@@ -17,7 +17,7 @@ from .data import check_same_test
 from .evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
 from .fit import knn_scores, logreg_scores
 from .logreg import DEFAULT_C_GRID
-from .stats import delong, holm, paired_bootstrap
+from .stats import delong, headline_p, holm, paired_bootstrap
 
 
 def run_compare(
@@ -42,9 +42,12 @@ def run_compare(
 
     The same probe is fitted on each set; per label and for the mean AUROC, the difference
     AUROC(A) - AUROC(B) gets a paired patient-level bootstrap CI (both sets scored on the same
-    draws). Per label, ``p`` is DeLong's two-sided p-value and ``p_holm`` its Holm adjustment over
-    the labels; the mean row's ``p`` is the paired-bootstrap p-value (DeLong has no mean over labels).
-    ``params`` holds both AUROCs and the bootstrap p-value of every row.
+    draws). Per label, ``p`` is a patient-level two-sided p-value (:func:`probes.stats.headline_p`:
+    the clustered DeLong test of Obuchowski (1997) when a patient has several test images, the
+    ordinary DeLong test only when each has one; ``params.p_method`` says which) and ``p_holm`` its
+    Holm adjustment over the labels; the mean row's ``p`` is the paired patient-bootstrap p-value.
+    ``params`` holds both AUROCs, the bootstrap p-value and, for reference only, the image-level
+    DeLong p-value (``p_delong_images``) of every row.
 
     Args:
         cache: feature store folder or URL.
@@ -95,13 +98,14 @@ def run_compare(
     if probe == "knn":
         params.update(k=int(k), temperature=float(temperature))
     base = {"vs": sets[1], "seed": int(seed), "n_train": len(a.train), "metric": "auroc_diff"}
-    p_delong = np.full(len(names), np.nan)
+    p_head = np.full(len(names), np.nan)
     rows_label = []
     for j, name in enumerate(names):
         known = ~np.isnan(Y[:, j])
         counts = {"n_test": int(known.sum()), "n_patients_test": int(len(np.unique(patients[known])))}
         if not defined[j]:
             reason = "one class only among the test rows" if both[j] else "the probe could not be fitted"
+            reason = f"no difference: {reason}"
             rows_label.append(
                 {**base, **counts, "label": name, "value": None, "params": {**params, "skipped": reason}}
             )
@@ -111,8 +115,8 @@ def run_compare(
         n_neg = len(np.unique(patients[known][y == 0]))
         if min(n_pos, n_neg) < MIN_CI_PATIENTS:  # no honest CI or test from one patient on a side
             reason = (
-                f"no CI or p-value: {n_pos} positive and {n_neg} negative patients in test "
-                f"(needs {MIN_CI_PATIENTS} of each)"
+                f"no CI or p-value ({n_pos} positive and {n_neg} negative patients in test; "
+                f"needs {MIN_CI_PATIENTS} of each)"
             )
             rows_label.append(
                 {
@@ -125,8 +129,8 @@ def run_compare(
             )
             continue
         pb = paired_bootstrap(metrics.auroc, y, sa, sb, patients[known], n_boot, seed)
-        dl = delong(y, sa, sb)
-        p_delong[j] = dl.p
+        hp = headline_p(y, sa, sb, patients[known], n_boot=n_boot, seed=seed)
+        p_head[j] = hp.p
         rows_label.append(
             {
                 **base,
@@ -137,19 +141,22 @@ def run_compare(
                 "ci_high": pb.high,
                 "n_boot": n_boot,
                 "n_boot_skipped": int(pb.n_skipped),
-                "p": _finite(dl.p),
+                "p": _finite(hp.p),
                 "params": {
                     **params,
                     "auroc_a": auc_a[j],
                     "auroc_b": auc_b[j],
+                    "p_method": hp.p_method,
                     "p_bootstrap": _finite(pb.p),
-                    "p_delong": _finite(dl.p),
+                    # images as if independent: shown for reference, never the headline
+                    "p_delong_images": _finite(delong(y, sa, sb).p),
+                    **({"ci": hp.reason} if hp.reason else {}),
                 },
             }
         )
-    adjusted = holm(p_delong)
+    adjusted = holm(p_head)  # Holm over the headline (patient-level) p-values
     for j, row in enumerate(rows_label):
-        if defined[j] and not np.isnan(p_delong[j]):
+        if defined[j] and not np.isnan(p_head[j]):
             row["p_holm"] = _finite(adjusted[j])
     entries = list(rows_label)
     mean_fields = {"n_test": len(a.test), "n_patients_test": int(len(np.unique(patients)))}
@@ -173,11 +180,21 @@ def run_compare(
                     **params,
                     "auroc_a": float(np.mean(auc_a[cols])),
                     "auroc_b": float(np.mean(auc_b[cols])),
+                    "p_method": "paired_patient_bootstrap",
                     "p_bootstrap": _finite(pb.p),
                     "labels_in_mean": [names[j] for j in cols],
+                    "mean_ci": "draws in which a label of the mean lacks a class are rejected (n_boot_skipped)",
                 },
             }
         )
     else:
-        entries.append({**base, **mean_fields, "label": "mean", "value": None, "params": params})
+        entries.append(
+            {
+                **base,
+                **mean_fields,
+                "label": "mean",
+                "value": None,
+                "params": {**params, "skipped": "no label has a difference to average"},
+            }
+        )
     return _finish(entries, run, out)

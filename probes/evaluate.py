@@ -206,7 +206,11 @@ def evaluate_scores(
     if n_mean:
         value = metrics.mean_auroc(Y[:, defined], S[:, defined])
         ci = bootstrap_ci(metrics.mean_auroc, Y[:, defined], S[:, defined], patients, n_boot, seed)
-        mean_fields.update(ci_low=ci.low, ci_high=ci.high, n_boot=n_boot, n_boot_skipped=int(ci.n_skipped))
+        mean_fields.update(_ci_fields(ci, n_boot))
+        mean_fields.setdefault("params", {})["mean_ci"] = (
+            "every draw averages the labels of the point estimate; draws in which one of them lacks a "
+            "class are rejected (n_boot_skipped)"
+        )
     else:
         value = None
         mean_fields["params"] = {"skipped": "no label has both classes among the test rows"}
@@ -231,12 +235,16 @@ def evaluate_scores(
                 _finite(fn(y, pred)),
                 n_test=len(y),
                 n_patients_test=int(len(np.unique(patients))),
-                ci_low=ci.low,
-                ci_high=ci.high,
-                n_boot=n_boot,
-                n_boot_skipped=int(ci.n_skipped),
+                **_ci_fields(ci, n_boot),
             )
     return entries
+
+
+def _ci_fields(ci, n_boot: int) -> dict[str, Any]:
+    """Row fields of a bootstrap CI; a CI that could not be given has none, and says why."""
+    if getattr(ci, "reason", None):
+        return {"params": {"ci": f"no CI ({ci.reason})"}}
+    return {"ci_low": ci.low, "ci_high": ci.high, "n_boot": n_boot, "n_boot_skipped": int(ci.n_skipped)}
 
 
 def _few_patients(n_pos: int, n_neg: int) -> str:

@@ -431,3 +431,30 @@ def test_episodes_file_merges_runs_and_reruns_on_another_backbone(tmp_path):
     fs.group["labels"][:] = raw
     with pytest.raises(FeatcacheError, match="--uncertain policy"):
         run_fewshot(s["cache"], s["name"], uncertain="ones", episodes_from=tmp_path / "r.jsonl.episodes.json")
+
+
+def test_compare_headline_p_is_patient_level(tmp_path):
+    """Two images per patient: the headline p is the clustered DeLong test on the two sets' scores."""
+    from probes.stats import clustered_delong, holm
+
+    s = build_store(tmp_path, n_patients=50, signal=1.0)
+    build_store(tmp_path, name="toy/weak/32", model="random:weak", n_patients=50, signal=0.3)
+    rows = run_compare(s["cache"], [s["name"], "toy/weak/32"], probe="knn", k=10, n_boot=50)
+    d = [load_probe_data(s["cache"], n) for n in (s["name"], "toy/weak/32")]
+    scores = []
+    for dd in d:
+        X, Y, _ = _index(dd)
+        scores.append(_knn_reference(X, Y, dd.test.X, 10))
+    ps = []
+    for j, name in enumerate(LABELS):
+        known = ~np.isnan(d[0].test.y[:, j])
+        want = clustered_delong(
+            d[0].test.y[known, j], scores[0][known, j], scores[1][known, j], d[0].test.patients[known]
+        )
+        r = _pick(rows, label=name)
+        assert r["params"]["p_method"] == "clustered_delong"
+        assert r["p"] == pytest.approx(want.p, abs=1e-9)
+        ps.append(want.p)
+    adjusted = holm(np.array(ps))
+    for j, name in enumerate(LABELS):
+        assert _pick(rows, label=name)["p_holm"] == pytest.approx(adjusted[j], abs=1e-9)
