@@ -37,7 +37,9 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import DataConversionWarning, NotFittedError
 
 from featcache.errors import FeatcacheError
 
@@ -47,8 +49,12 @@ from ._linalg import VOTES, auroc_columns, check_features, check_targets, check_
 _QUERY_BLOCK = 2048
 
 
-class ProbeInputError(FeatcacheError, ValueError):
-    """Bad input to a probe estimator (also a ``ValueError``, as scikit-learn expects)."""
+class ProbeInputError(FeatcacheError, ValueError, TypeError):
+    """Bad input to a probe estimator (also the ``ValueError``/``TypeError`` scikit-learn expects)."""
+
+
+class ProbeNotFittedError(FeatcacheError, NotFittedError):
+    """A probe estimator used before ``fit`` (also scikit-learn's ``NotFittedError``)."""
 
 
 class _FaissThreads:
@@ -78,26 +84,95 @@ def as_ks(k) -> list[int]:
     return [int(v) for v in ks]
 
 
-def checked_features(X, name: str, n_features: int | None = None) -> np.ndarray:
-    """``check_features`` raising ``ProbeInputError``; also checks the feature count when given.
+def checked_features(X, name: str, owner: str = "the probe", n_features: int | None = None) -> np.ndarray:
+    """``check_features`` raising ``ProbeInputError``, with scikit-learn's wording for its checks.
+
+    Args:
+        X: float [N, D] features (dense, real, finite).
+        name: how the matrix is named in messages.
+        owner: the estimator's class name, for the feature-count message.
+        n_features: D the estimator was fitted on, or None (at fit).
 
     Returns:
         float32 [N, D].
     """
-    if np.iscomplexobj(X):
-        raise ProbeInputError(f"{name}: complex data not supported; pass real features")
+    if X is None:
+        raise ProbeInputError(f"{name} is None: pass a feature matrix [N, D]")
+    if issparse(X):
+        raise ProbeInputError(f"{name}: sparse input is not supported; pass a dense array (X.toarray())")
+    try:
+        X = np.asarray(X)
+        if np.iscomplexobj(X):
+            raise ProbeInputError(f"{name}: Complex data not supported; pass real features")
+        X = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ProbeInputError):
+            raise
+        raise ProbeInputError(f"{name} must be a numeric feature matrix [N, D]: {err}") from None
+    if X.ndim != 2:
+        raise ProbeInputError(
+            f"{name} must be a 2-D feature matrix [N, D]; got shape {X.shape}. Reshape your data "
+            "(X.reshape(-1, 1) for one feature, X.reshape(1, -1) for one sample)"
+        )
+    if X.shape[1] == 0:
+        raise ProbeInputError(
+            f"{name} has 0 feature(s) (shape={X.shape}) while a minimum of 1 is required: check the feature selection"
+        )
+    if X.size and not np.isfinite(X).all():
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise ProbeInputError(
+            f"{name} holds NaN or inf in {bad.size} rows (first: {bad[:5].tolist()}); "
+            "re-extract those rows or drop them before probing"
+        )
     try:
         X = check_features(X, name)
     except FeatcacheError as err:
         raise ProbeInputError(str(err)) from None
-    except (TypeError, ValueError) as err:
-        raise ProbeInputError(f"{name} must be a numeric feature matrix [N, D]: {err}") from None
     if n_features is not None and X.shape[1] != n_features:
         raise ProbeInputError(
-            f"{name} has {X.shape[1]} features, but the probe is expecting {n_features} features as input "
+            f"{name} has {X.shape[1]} features, but {owner} is expecting {n_features} features as input "
             "(was it fitted on another feature set?)"
         )
     return X
+
+
+def checked_classes(y, n_rows: int, name: str = "y_train") -> tuple[np.ndarray, np.ndarray | None]:
+    """Multi-class targets: int class indices (-1 missing) or string labels.
+
+    Args:
+        y: [N] int class indices (-1 missing), integer-valued floats (NaN missing) or strings;
+            a column vector [N, 1] is flattened with a ``DataConversionWarning``.
+        n_rows: N, the feature rows.
+        name: how the targets are named in messages.
+
+    Returns:
+        (int64 [N] class indices, -1 missing; the string label of each index, or None).
+
+    Raises:
+        ProbeInputError: for None, continuous values or a shape mismatch.
+    """
+    if y is None:
+        raise ProbeInputError(f"KNNProbe requires y to be passed, but the target y is None ({name})")
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        warnings.warn(
+            f"A column-vector y was passed when a 1d array was expected ({name} [N, 1]): flattened to [N]",
+            DataConversionWarning,
+            stacklevel=3,
+        )
+        y = y[:, 0]
+    names = None
+    if y.ndim == 1 and y.dtype.kind in "USO":
+        names, y = np.unique(y.astype(str), return_inverse=True)
+    if y.dtype.kind == "f" and not np.all(np.isnan(y) | (y == np.round(y))):
+        raise ProbeInputError(
+            f"{name} holds continuous values (Unknown label type: continuous): multi-class targets are "
+            "class indices or names"
+        )
+    try:
+        return check_targets(y, "multiclass", n_rows, name), names
+    except FeatcacheError as err:
+        raise ProbeInputError(str(err)) from None
 
 
 class KNNProbe(ClassifierMixin, BaseEstimator):
@@ -178,19 +253,15 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         ks = self._check_params()
         X = checked_features(X, "X_train")
         if self.task == "multiclass":
-            y, names = np.asarray(y), None
-            if y.ndim == 1 and y.dtype.kind in "USO":
-                names, y = np.unique(y.astype(str), return_inverse=True)
-            try:
-                y = check_targets(y, self.task, X.shape[0], "y_train")
-            except FeatcacheError as err:
-                raise ProbeInputError(str(err)) from None
+            y, names = checked_classes(y, X.shape[0])
             rows = np.flatnonzero(y >= 0)
             if rows.size == 0:
                 raise ProbeInputError("no train row has a class: check the labels of the train split")
             self.classes_ = names if names is not None else np.arange(int(y.max()) + 1)
             self.n_labels_ = len(self.classes_)
         else:
+            if y is None:
+                raise ProbeInputError("KNNProbe requires y to be passed, but the target y is None")
             try:
                 y = check_targets(y, self.task, X.shape[0], "Y_train")
             except FeatcacheError as err:
@@ -232,7 +303,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     def _check_fitted(self):
         if not hasattr(self, "index_"):
-            raise FeatcacheError("this KNNProbe is not fitted yet: call fit(X_train, Y_train) first")
+            raise ProbeNotFittedError("this KNNProbe is not fitted yet: call fit(X_train, Y_train) first")
 
     def _search(self, Xq: np.ndarray, kmax: int):
         with _FaissThreads(self.n_jobs):
@@ -250,7 +321,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             (sims float32 [n, kmax] in decreasing order, idx int64 [n, kmax] rows of ``fit``'s X).
         """
         self._check_fitted()
-        X = checked_features(X, "X", self.n_features_in_)
+        X = checked_features(X, "X", "KNNProbe", self.n_features_in_)
         if n_neighbors is None:
             n_neighbors = max(as_ks(self.k) + ([int(self.softmax_k)] if self.softmax_k else []))
         kmax = min(int(n_neighbors), self.n_train_)
@@ -264,7 +335,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     def _scores(self, X, ks: list[int], vote: str, softmax_k: int | None) -> dict[int, np.ndarray]:
         self._check_fitted()
-        X = checked_features(X, "X", self.n_features_in_)
+        X = checked_features(X, "X", "KNNProbe", self.n_features_in_)
         eff = {k: min(k, self.n_train_) for k in ks}
         window = max(ks) if softmax_k is None else int(softmax_k)
         if window < max(ks):
@@ -319,6 +390,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         return self._scores(X, as_ks(self.k), "renormalized", None)
 
     def _single_k(self) -> int:
+        self._check_fitted()
         ks = as_ks(self.k)
         if len(ks) != 1:
             raise FeatcacheError(
@@ -364,7 +436,8 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         if self.task == "multilabel":
             D = self.decision_function(X)
             return np.where(np.isnan(D), np.nan, (D > 0).astype(np.float64))
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)
+        return self.classes_[np.argmax(P, axis=1)]
 
     def score(self, X: np.ndarray, y: np.ndarray, sample_weight=None) -> float:
         """Multi-class: accuracy over the rows with a class; multi-label: mean per-label AUROC.
