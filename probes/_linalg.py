@@ -134,6 +134,9 @@ def l2_normalize(X: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
     return X * inv[:, None]
 
 
+VOTES = ("dinov2", "renormalized")
+
+
 def knn_vote(
     sims: np.ndarray,
     targets: np.ndarray,
@@ -141,45 +144,101 @@ def knn_vote(
     temperature: float,
     task: str,
     n_classes: int = 0,
+    softmax_k: int | None = None,
+    vote: str = "dinov2",
 ) -> dict[int, np.ndarray]:
     """Temperature-softmax votes of the nearest neighbours, for every k from one search.
 
-    Neighbour ``j`` of a query gets weight ``exp(sim_j / T)`` normalised over the query's top k.
-    Multi-class: probabilities are the weighted one-hot sums. Multi-label: the score of a label
-    is the weighted mean of the neighbours' labels, neighbours whose label is missing (NaN)
-    left out; NaN when all k are missing.
+    ``vote="dinov2"`` is the arithmetic of ``KnnModule.forward`` in facebookresearch/dinov2
+    ``dinov2/eval/knn.py``: the weights ``w_j = softmax(sims / T)`` are taken ONCE over the first
+    ``W = softmax_k`` neighbours (default ``max(ks)``, as dinov2's ``max_k``) and the score at k is
+    the sum of the first k weighted votes, not renormalised per k. The score at a small k thus
+    depends on the largest k asked in the same call (as in dinov2); its ranking of queries is
+    ``renormalized`` times the per-query mass ``m_k = sum_{j<k} w_j``.
+
+    - Multi-class: weighted one-hot sums; they sum to ``m_k`` (1 at k = W).
+    - Multi-label: ``sum_{j<k} w_j y_j`` with the 0/1 label vectors in place of the one-hot (what
+      dinov2 does with multi-hot labels). A neighbour whose label is missing (NaN) does not vote
+      for that label: its weight is handed to the neighbours among the first k that know it, in
+      proportion to their weights, i.e. the score is ``m_k * sum_known w_j y_j / sum_known w_j``.
+      With no label missing this is exactly dinov2's sum; NaN when none of the first k knows it.
+
+    ``vote="renormalized"`` takes the softmax over each k's own neighbours (``W = k``): multi-class
+    probabilities sum to one at every k; multi-label scores are the known-weighted mean of the
+    labels. Same arg-max (top-1 accuracy) as dinov2, different ranking across queries for k < W.
 
     Args:
         sims: float [..., K] similarities sorted in decreasing order along the last axis.
         targets: neighbour targets: float [..., K, L] (multi-label, NaN missing) or
-            int [..., K] class indices (multi-class).
-        ks: the k values, each at most K.
+            int [..., K] class indices in [0, C) (multi-class).
+        ks: the k values, each at most K (and at most W for ``"dinov2"``).
         temperature: softmax temperature T.
         task: ``"multilabel"`` or ``"multiclass"``.
         n_classes: C, needed for multi-class.
+        softmax_k: W, the softmax window of ``"dinov2"`` (None: ``max(ks)``); at most K.
+        vote: ``"dinov2"`` or ``"renormalized"``.
 
     Returns:
         dict k -> float64 [..., L] (multi-label) or [..., C] (multi-class).
+
+    Raises:
+        FeatcacheError: for an unknown vote or a k/window outside the searched neighbours.
     """
-    s = np.asarray(sims, dtype=np.float64) / temperature
+    if vote not in VOTES:
+        raise FeatcacheError(f"unknown vote {vote!r}: use 'dinov2' or 'renormalized'")
+    ks = sorted({int(k) for k in ks})
+    K = sims.shape[-1]
+    window = ks[-1] if softmax_k is None else int(softmax_k)
+    if ks[0] < 1 or ks[-1] > K or (vote == "dinov2" and not ks[-1] <= window <= K):
+        raise FeatcacheError(
+            f"k {ks} and softmax window {window} must satisfy 1 <= k <= window <= {K} searched neighbours"
+        )
+    lead = sims.shape[:-1]
+    kmax = window if vote == "dinov2" else ks[-1]
+    s = np.asarray(sims, dtype=np.float64).reshape(-1, K)[:, :kmax] / temperature
     # Shifting by the best similarity keeps exp() finite; the shift cancels in every normalisation.
-    w = np.exp(s - s[..., :1])
+    e = np.exp(s - s[:, :1])
+    n = s.shape[0]
     out = {}
     if task == "multiclass":
-        onehot = np.zeros((*targets.shape, n_classes), dtype=np.float64)
-        np.put_along_axis(onehot, targets[..., None], 1.0, axis=-1)
+        lab = np.asarray(targets).reshape(n, K)[:, :kmax]
+        w = e / e.sum(1, keepdims=True) if vote == "dinov2" else e
+        # Flat bincount over (query, class): no [n, K, C] one-hot tensor.
+        flat = np.arange(n)[:, None] * n_classes + lab
+        acc = np.zeros(n * n_classes)
+        prev = 0
         for k in ks:
-            wk = w[..., :k]
-            out[k] = np.einsum("...j,...jc->...c", wk, onehot[..., :k, :]) / wk.sum(-1, keepdims=True)
+            acc += np.bincount(flat[:, prev:k].ravel(), w[:, prev:k].ravel(), minlength=n * n_classes)
+            prev = k
+            v = acc.reshape(n, n_classes)
+            if vote == "renormalized":
+                v = v / w[:, :k].sum(1, keepdims=True)
+            out[k] = v.reshape(*lead, n_classes).copy()
         return out
-    known = ~np.isnan(targets)
-    vals = np.where(known, targets, 0.0)
+    L = targets.shape[-1]
+    tg = np.asarray(targets, dtype=np.float64).reshape(n, K, L)[:, :kmax]
+    known = ~np.isnan(tg)
+    vals = np.where(known, tg, 0.0)
+    w = e / e.sum(1, keepdims=True) if vote == "dinov2" else e
+    num = np.zeros((n, L))
+    den = np.zeros((n, L))
+    count = np.zeros((n, L), dtype=np.int64)
+    mass = np.zeros(n)
+    prev = 0
     for k in ks:
-        wk = w[..., :k, None]
-        den = (wk * known[..., :k, :]).sum(-2)
-        num = (wk * vals[..., :k, :]).sum(-2)
+        seg = w[:, prev:k, None]
+        num += (seg * vals[:, prev:k]).sum(1)
+        den += (seg * known[:, prev:k]).sum(1)
+        count += known[:, prev:k].sum(1)
+        mass += w[:, prev:k].sum(1)
+        prev = k
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[k] = np.where(den > 0, num / den, np.nan)
+            if vote == "renormalized":
+                v = np.where(den > 0, num / den, np.nan)
+            else:
+                # All k known: dinov2's sum itself, untouched; otherwise redistribute the missing weight.
+                v = np.where(count == k, num, np.where(den > 0, num * (mass[:, None] / den), np.nan))
+        out[k] = v.reshape(*lead, L)
     return out
 
 
