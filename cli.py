@@ -941,21 +941,32 @@ def _echo_header(rows: list[dict], what: str) -> None:
 @click.option(
     "--temperature", default=0.07, show_default=True, type=float, help="Softmax temperature of the votes."
 )
+@click.option(
+    "--method",
+    default="dinov2",
+    show_default=True,
+    type=click.Choice(["dinov2", "renormalized", "mlknn"]),
+    help="dinov2: dinov2/eval/knn.py's vote (softmax over the largest k once); renormalized: softmax over "
+    "each k's own neighbours; mlknn: ML-kNN (multi-label).",
+)
+@click.option("--s", "s", default=1.0, show_default=True, type=float, help="ML-kNN Laplace smoothing.")
 @_no_carve_options
 @_one_line_errors
-def knn(cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, n_boot, seed) -> None:
-    """Weighted kNN probe (cosine, temperature votes): AUROC per label and mean, with patient CIs.
+def knn(
+    cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, method, s, n_boot, seed
+) -> None:
+    """kNN probe (dinov2 knn.py by default, or ML-kNN): AUROC per label and mean, with patient CIs.
 
     Example: probes knn --cache cache/ --set nih/dinov3-vitb16/512 --k 10,20 --out results.jsonl
     """
     from probes.run import run_knn
 
     rows = run_knn(
-        cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature,
+        cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature, method=method, s=s,
         labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
         out=out, aggregate=aggregate,
     )  # fmt: skip
-    _echo_header(rows, "knn")
+    _echo_header(rows, "mlknn" if method == "mlknn" else f"knn vote={method}")
     _echo_protocol(rows)
     click.echo(f"{'k':>5}  mean AUROC [95% CI]")
     for r in rows:

@@ -162,43 +162,75 @@ def _fill_undefined(S: np.ndarray, fill: np.ndarray | float, width: int) -> tupl
     return S, bad.sum(axis=0)
 
 
-def _knn_raw(train: Split, X: np.ndarray, ks: list[int], task: str, L: int, **kw) -> dict[int, np.ndarray]:
+KNN_METHODS = ("dinov2", "renormalized", "mlknn")
+"""``dinov2``: dinov2/eval/knn.py's vote (the default); ``renormalized``: the softmax taken over each
+k's own neighbours; ``mlknn``: ML-kNN (Zhang & Zhou 2007), multi-label only."""
+
+
+def _knn_raw(
+    train: Split, X: np.ndarray, ks: list[int], task: str, method: str, **kw
+) -> dict[int, np.ndarray]:
+    """Scores of ``X`` for every k of ``ks`` (each at most ``len(train)``), by ``method``."""
+    if method == "mlknn":
+        from .mlknn import MLkNNProbe
+
+        return {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y).predict_proba(X) for k in ks}
     from .knn import KNNProbe
 
-    probe = KNNProbe(k=ks, task=task, **kw).fit(train.X, train.y)
-    return probe.predict_scores(X)
+    probe = KNNProbe(k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method)
+    return probe.fit(train.X, train.y).scores_for_ks(X, ks)
 
 
 def knn_scores(
-    data: ProbeData, ks: Sequence[int], *, temperature: float = 0.07, seed: int = 0, thresholds: bool = True
+    data: ProbeData,
+    ks: Sequence[int],
+    *,
+    temperature: float = 0.07,
+    method: str = "dinov2",
+    s: float = 1.0,
+    seed: int = 0,
+    thresholds: bool = True,
 ) -> dict[int, Scored]:
     """kNN scores of the test rows for every k from one search over train + val.
 
-    Scores a neighbourhood cannot give (every one of the first k neighbours misses the label) are
-    filled with the label's prevalence among the indexed rows; the count filled is recorded per
-    label (``params.filled``).
+    The dinov2 vote takes one softmax over the largest k of ``ks`` (as ``KnnModule`` does over
+    ``max(nb_knn)``), so the scores at a k depend on the largest k asked with it. Scores a
+    neighbourhood cannot give (every one of the first k neighbours misses the label) are filled with
+    the label's prevalence among the indexed rows; the count filled is recorded per label
+    (``params.filled``).
 
     Args:
         data: loaded data.
         ks: neighbour counts (each at most the indexed rows).
-        temperature: softmax temperature.
+        temperature: softmax temperature (``dinov2``, ``renormalized``).
+        method: one of ``KNN_METHODS``.
+        s: ML-kNN's Laplace smoothing.
         seed: seed of the out-of-fold folds.
         thresholds: also compute out-of-fold scores for the Youden threshold.
 
     Returns:
         k -> :class:`Scored`.
+
+    Raises:
+        FeatcacheError: an unknown method, or ML-kNN on multi-class data.
     """
+    if method not in KNN_METHODS:
+        raise FeatcacheError(f"unknown kNN method {method!r}: use {', '.join(KNN_METHODS)}")
+    if method == "mlknn" and data.task != "multilabel":
+        raise FeatcacheError("ML-kNN is a multi-label method; use --method dinov2 for a multi-class set")
     pool = merge_train_val(data)
     L = len(data.label_names)
     task = data.task
+    ks = sorted({int(k) for k in ks})
     fit_rows = "train+val" if len(data.val) else "train"
     fitted, extra = learnable(pool.train.y, task, L)
     fill = _prevalence(pool.train.y) if task == "multilabel" else 0.0
-    raw = _knn_raw(pool.train, data.test.X, list(ks), task, L, temperature=temperature)
+    kw = {"temperature": temperature, "s": s}
+    raw = _knn_raw(pool.train, data.test.X, ks, task, method, **kw)
 
     def fold(tr: Split, X: np.ndarray) -> dict[int, np.ndarray]:
         kk = [min(k, len(tr)) for k in ks]
-        got = _knn_raw(tr, X, sorted(set(kk)), task, L, temperature=temperature)
+        got = _knn_raw(tr, X, sorted(set(kk)), task, method, **kw)
         f = _prevalence(tr.y) if task == "multilabel" else 0.0
         return {k: _fill_undefined(got[c], f, L)[0] for k, c in zip(ks, kk)}
 
@@ -208,13 +240,8 @@ def knn_scores(
         S, n_filled = _fill_undefined(raw[k], fill, L)
         ex = [dict(e) for e in extra]
         for j in np.flatnonzero(n_filled):
-            ex[j] = {
-                **ex[j],
-                "params": {
-                    **ex[j].get("params", {}),
-                    "filled": f"{int(n_filled[j])} test rows scored with the prevalence (no neighbour among the first {k} knows the label)",
-                },
-            }
+            why = f"{int(n_filled[j])} test rows scored with the prevalence (no neighbour among the first {k} knows the label)"
+            ex[j] = {**ex[j], "params": {**ex[j].get("params", {}), "filled": why}}
         out[k] = Scored(
             S, pool.train.y if thresholds else None, None if oof is None else oof[k],
             f"oof{N_FOLDS}" if thresholds else None, fitted, ex, len(pool.train), fit_rows,

@@ -69,6 +69,8 @@ def run_knn(
     features: str = "cls",
     k: Sequence[int] = DEFAULT_KS,
     temperature: float = 0.07,
+    method: str = "dinov2",
+    s: float = 1.0,
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
     aggregate: str | None = None,
@@ -88,6 +90,10 @@ def run_knn(
         features: ``cls``, ``pooled``, ``cls+pooled``, ``layer_cls:-1`` ...
         k: neighbour counts; one above the indexed rows is capped (``params.k_requested``).
         temperature: softmax temperature of the votes.
+        method: ``dinov2`` (``dinov2/eval/knn.py``: one softmax over the largest k, the score at k
+            the sum of the first k weighted votes), ``renormalized`` (the softmax over each k's own
+            neighbours) or ``mlknn`` (ML-kNN, multi-label; rows say ``probe = "mlknn"``).
+        s: ML-kNN's Laplace smoothing.
         labels: label columns / class names to probe (None: all).
         uncertain: uncertain-label policy: ``ignore``, ``zeros`` or ``ones``.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
@@ -105,8 +111,12 @@ def run_knn(
         raise FeatcacheError(f"k must be positive integers; got {k!r}")
     n_index = len(data.train) + len(data.val)
     ks = sorted({min(v, n_index) for v in asked})  # k above the indexed rows is that size, said once
-    scored = knn_scores(data, ks, temperature=temperature, seed=seed)
-    params = {**run["params"], "temperature": float(temperature), "vote": "dinov2", "softmax_k": max(ks)}
+    scored = knn_scores(data, ks, temperature=temperature, method=method, s=s, seed=seed)
+    if method == "mlknn":
+        run = _context(data, "mlknn")
+        params = {**run["params"], "s": float(s), "exclude_self": True}
+    else:
+        params = {**run["params"], "temperature": float(temperature), "vote": method, "softmax_k": max(ks)}
     if ks != asked:
         params["k_requested"] = asked
     entries = []

@@ -458,3 +458,19 @@ def test_compare_headline_p_is_patient_level(tmp_path):
     adjusted = holm(np.array(ps))
     for j, name in enumerate(LABELS):
         assert _pick(rows, label=name)["p_holm"] == pytest.approx(adjusted[j], abs=1e-9)
+
+
+def test_knn_method_mlknn_scores_train_and_val_with_ml_knn(store):
+    """probes knn --method mlknn: ML-kNN (checked against the paper's equations in test_mlknn.py)
+    fitted on train + val; rows say probe=mlknn."""
+    from probes.mlknn import MLkNNProbe
+
+    rows = run_knn(store["cache"], k=(5,), method="mlknn", n_boot=20)
+    d = load_probe_data(store["cache"])
+    X, Y, _ = _index(d)
+    P = MLkNNProbe(k=5, s=1.0).fit(X, Y).predict_proba(d.test.X)
+    for j, name in enumerate(LABELS):
+        known = ~np.isnan(d.test.y[:, j])
+        r = _pick(rows, label=name, metric="auroc")
+        assert r["probe"] == "mlknn" and r["params"]["s"] == 1.0
+        assert r["value"] == pytest.approx(roc_auc_score(d.test.y[known, j], P[known, j]), abs=1e-12)
