@@ -464,11 +464,16 @@ def test_demo_dataset_linear_head_beats_mean_mask(tmp_path):
     assert _mean_dice(rows, "seg") > _mean_dice(rows, "seg-baseline") + 0.03
 
 
-@pytest.mark.slow
-@pytest.mark.shared_data
-def test_hannover_lung_masks_conv_head_beats_mean_mask(shared_data, tmp_path):
-    folder = shared_data / "hannover_covid_cxr"
-    manifest = tmp_path / "hannover_masks.csv"
+@pytest.fixture(scope="module")
+def hannover_cache(tmp_path_factory):
+    """The 42 Hannover films with lung masks, extracted once at 128 px with a random-init backbone."""
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "hannover_covid_cxr"
+    if not folder.is_dir():
+        pytest.skip(f"real data folder not found at {SHARED_DATA}")
+    tmp = tmp_path_factory.mktemp("hannover")
+    manifest = tmp / "hannover_masks.csv"
     with open(folder / "labels.csv", newline="") as f, open(manifest, "w", newline="") as g:
         w = csv.writer(g)
         w.writerow(["path", "id", "patient_id", "split", "mask"])
@@ -478,12 +483,38 @@ def test_hannover_lung_masks_conv_head_beats_mean_mask(shared_data, tmp_path):
                 w.writerow([r["image_path"], r["image_id"], r["patient_id"], r["split"], r["mask_path"]])
                 kept += 1
     assert kept == 42
-    cache = _extract(manifest, tmp_path / "cache", res=128, root=folder)
+    return _extract(manifest, tmp / "cache", res=128, root=folder), folder
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_hannover_lung_masks_conv_head_beats_mean_mask(hannover_cache):
+    cache, _ = hannover_cache
     rows = run_seg(cache, head="conv", n_boot=100, structures=["lung"])
     seg, base = _mean_dice(rows, "seg"), _mean_dice(rows, "seg-baseline")
     assert seg > base + 0.03, (seg, base)
     hd = {r["probe"]: r["value"] for r in rows if r["label"] == "mean" and r["metric"] == "hd95"}
     assert hd["seg"] < hd["seg-baseline"]
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_hannover_dice_is_computed_at_each_masks_own_resolution(hannover_cache, tmp_path):
+    cache, folder = hannover_cache
+    rows = run_seg(cache, head="linear", n_boot=50, structures=["lung"], save_masks=tmp_path / "pred")
+    fs = FeatureStore(cache).open_set()
+    test = np.flatnonzero(fs.splits == "test")
+    ref, shapes = [], set()
+    for r in test:  # the saved predictions are at the film's own size (longest side 512, not 128 x 128)
+        p = read_mask(tmp_path / "pred" / f"{fs.ids[r]}.png") == 1
+        t = read_mask(folder / fs.masks[r]) == 1
+        assert p.shape == t.shape and max(t.shape) == 512
+        shapes.add(t.shape)
+        ref.append(2 * np.count_nonzero(p & t) / (np.count_nonzero(p) + np.count_nonzero(t)))
+    assert len(shapes) > 1  # the films are not all one size
+    dice_row = next(r for r in rows if r["probe"] == "seg" and r["label"] == "lung" and r["metric"] == "dice")
+    assert dice_row["value"] == pytest.approx(np.mean(ref)) and dice_row["params"]["scored_at"] == "mask"
+    assert dice_row["n_test"] == len(test) == 6 and dice_row["params"]["hd95_unit"] == "px"
 
 
 def test_saved_mask_names_never_collide():
