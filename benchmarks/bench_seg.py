@@ -97,7 +97,15 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
     )  # float16, held for training
     t0 = time.perf_counter()
     if mode == "cached":
-        rows = seg.run_seg(cache, head="linear", epochs=epochs, patience=epochs, n_boot=200, baseline=False)
+        rows = seg.run_seg(
+            cache,
+            head="linear",
+            epochs=epochs,
+            patience=epochs,
+            n_boot=200,
+            baseline=False,
+            scored_at="model",
+        )  # the on-the-fly side scores in the model frame too
         dice = next(r["value"] for r in rows if r["label"] == "mean" and r["metric"] == "dice")
         embedded = 0
     else:
