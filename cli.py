@@ -683,12 +683,31 @@ def import_cmd(
     type=float,
     help="Train patients carved into val if none.",
 )
+@click.option(
+    "--scored-at",
+    default="mask",
+    show_default=True,
+    type=click.Choice(["mask", "model"]),
+    help="Score in each mask's own pixels (mask) or in the model's input frame (model).",
+)
 @click.option("--root", type=click.Path(file_okay=False), help="Mask root [default: the extraction's root].")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write predicted test masks (PNG) here.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
 @_one_line_errors
 def seg(
-    cache, set_name, head, structures, epochs, lr, seed, n_boot, val_fraction, root, save_masks, out
+    cache,
+    set_name,
+    head,
+    structures,
+    epochs,
+    lr,
+    seed,
+    n_boot,
+    val_fraction,
+    scored_at,
+    root,
+    save_masks,
+    out,
 ) -> None:
     """Segmentation probe on patch tokens vs the mean-training-mask baseline: Dice, Jaccard, HD95 with CIs.
 
@@ -698,10 +717,15 @@ def seg(
 
     rows = run_seg(
         cache, set_name, head=head, structures=_csv_list(structures) or None, epochs=epochs, lr=lr, seed=seed,
-        n_boot=n_boot, val_fraction=val_fraction, root=root, save_masks=save_masks, out=out,
+        n_boot=n_boot, val_fraction=val_fraction, scored_at=scored_at, root=root, save_masks=save_masks, out=out,
     )  # fmt: skip
     _echo_header(rows, f"seg head={head}")
-    click.echo(f"{'probe':13} {'label':16} {'Dice [95% CI]':26} {'Jaccard':>8} {'HD95 px':>8}")
+    p0 = rows[0].get("params") or {}
+    unit = p0.get("hd95_unit", "px")
+    click.echo(f"scored at: {p0.get('scored_at')} frame; HD95 in {unit}")
+    if p0.get("hd95_px_because"):
+        click.echo(f"note: {p0['hd95_px_because']}")
+    click.echo(f"{'probe':13} {'label':16} {'Dice [95% CI]':26} {'Jaccard':>8} {'HD95 ' + unit:>8}")
     by = {(r["probe"], r["label"], r["metric"]): r for r in rows}
     for probe_name, label, _ in [k for k in by if k[2] == "dice"]:
         jac, hd = by[(probe_name, label, "jaccard")], by[(probe_name, label, "hd95")]
