@@ -56,6 +56,7 @@ __all__ = [
     "INTERPOLATIONS",
     "RESIZE_MODES",
     "Preprocess",
+    "check_header",
     "is_dicom",
     "read_image",
     "read_mask",
@@ -165,6 +166,56 @@ def read_mask(path: str | Path) -> np.ndarray:
         if values[-1:].tolist() == [full] and set(values.tolist()) <= {0, full}:
             return (arr == full).astype(np.int64)
     return arr
+
+
+def check_header(path: str | Path) -> None:
+    """Check a file as far as possible without decoding its pixels (what ``featcache check`` runs).
+
+    Refuses what :func:`read_image` would refuse from the header alone: a missing, empty or folder
+    path, an unrecognised format, several frames, more pixels than the decode limit
+    (``featcache.dicom.max_pixels``), a DICOM file without pixel data or with corrupt geometry. PNG
+    files also have their chunk checksums verified, which finds truncated and damaged files.
+
+    Args:
+        path: image (or mask) file.
+
+    Raises:
+        ImageReadError: naming the file and what is wrong.
+    """
+    path = _check_file(path)
+    if is_dicom(path):
+        from featcache.dicom import declared_pixels, read_dicom_header
+
+        ds = read_dicom_header(path)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
+        n = declared_pixels(ds, path, frames=None) // max(1, declared_pixels(ds, path, frames=1))
+        err = _frame_count_error(path, n, None)
+        if err is not None:
+            raise err
+        check_pixel_count(declared_pixels(ds, path, frames=1), path)
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            err = _frame_count_error(path, getattr(im, "n_frames", 1), None)
+            if err is not None:
+                raise err
+            check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
+            if im.format == "PNG":
+                im.verify()
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG, TIFF or DICOM)") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"{path}: declares more pixels than Pillow's limit (a possible decompression bomb); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
 
 
 def _check_file(path: str | Path) -> Path:
