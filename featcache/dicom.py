@@ -143,7 +143,11 @@ def _deflated_size_guard(path: Path) -> None:
                 while inflate.unconsumed_tail and total <= cap:
                     total += len(inflate.decompress(inflate.unconsumed_tail, cap + 1 - total))
                 if total > cap:
-                    check_pixel_count(total // 4, path, "deflated file")
+                    raise ImageReadError(
+                        f"{path}: deflated file inflates beyond {cap:,} bytes, more than {max_pixels():,} pixel "
+                        f"values can need (a possible decompression bomb); if the file is trusted, raise the "
+                        f"limit with {_ENV}=<values>"
+                    )
     except ImageReadError:
         raise
     except (zlib.error, pydicom.errors.InvalidDicomError, OSError, ValueError) as e:

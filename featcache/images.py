@@ -116,11 +116,16 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
     path = _check_file(path)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise ImageReadError(f"{path}: frame must be an integer index, got {frame!r}")
-    if is_dicom(path):
-        from featcache.dicom import read_dicom
+    try:
+        if is_dicom(path):
+            from featcache.dicom import read_dicom
 
-        return read_dicom(path, frame)
-    return _read_pil(path, frame)
+            return read_dicom(path, frame)
+        return _read_pil(path, frame)
+    except ImageReadError:
+        raise
+    except Exception as e:  # a decoder bug: one line with fixed words, never the decoder's text
+        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:

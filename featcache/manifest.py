@@ -172,6 +172,13 @@ def _check_locations(
     kind: str,
 ) -> bool:
     """Add the problems of one path column (escaping the root, missing, folders); True if any escape."""
+    control = [i for i, p in enumerate(values) if any(ord(c) < 32 or ord(c) == 127 for c in p)]
+    if control:
+        problems.append(
+            f"rows {_rows_text([int(line[i]) for i in control])} have control characters (e.g. NUL) in "
+            f"their {what}; fix the file names in the manifest"
+        )
+        return True
     outside = [i for i, p in enumerate(values) if p and not _inside(root, p)]
     skip = set(outside)
     linked = [i for i, p in enumerate(values) if p and i not in skip and not resolves_inside(root, p)]
