@@ -123,12 +123,14 @@ def _inside(root: Path, rel: str) -> bool:
     return target == str(root) or target.startswith(str(root) + os.sep)
 
 
-def resolves_inside(root: Path, rel: str) -> bool:
+def resolves_inside(root: Path, rel: str, _parents: dict[str, str] | None = None) -> bool:
     """Whether ``root / rel`` still lies inside ``root`` once symbolic links are followed.
 
     Args:
         root: the (already resolved) root folder.
         rel: a path relative to it, as written in the manifest.
+        _parents: cache of resolved parent folders, shared across the rows of one manifest (the
+            folder part is resolved once per folder, the file itself is checked for being a link).
 
     Returns:
         False when the text escapes (absolute, ``..``) or a link on the way points outside the root;
@@ -136,8 +138,18 @@ def resolves_inside(root: Path, rel: str) -> bool:
     """
     if not _inside(root, rel):
         return False
-    real_root = os.path.realpath(root)
-    target = os.path.realpath(os.path.join(real_root, rel))
+    cache = {} if _parents is None else _parents
+    real_root = cache.get("\0") or cache.setdefault("\0", os.path.realpath(root))
+    parent, name = os.path.split(rel)
+    if _parents is None or name in ("", ".", ".."):
+        target = os.path.realpath(os.path.join(real_root, rel))
+    else:
+        real_parent = _parents.get(parent)
+        if real_parent is None:
+            real_parent = _parents[parent] = os.path.realpath(os.path.join(real_root, parent))
+        target = os.path.join(real_parent, name)
+        if os.path.islink(target):
+            target = os.path.realpath(target)
     return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
@@ -181,7 +193,10 @@ def _check_locations(
         return True
     outside = [i for i, p in enumerate(values) if p and not _inside(root, p)]
     skip = set(outside)
-    linked = [i for i, p in enumerate(values) if p and i not in skip and not resolves_inside(root, p)]
+    parents: dict[str, str] = {}
+    linked = [
+        i for i, p in enumerate(values) if p and i not in skip and not resolves_inside(root, p, parents)
+    ]
     if outside:
         rows = _rows_text([int(line[i]) for i in outside], [values[i] for i in outside])
         problems.append(f"rows {rows} have {what} outside the root {root} (use paths relative to --root)")
