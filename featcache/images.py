@@ -37,7 +37,6 @@ Defaults of :class:`Preprocess`, chosen for chest X-rays:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featcache.dicom import check_pixel_count
 from featcache.errors import FeatcacheError, ImageReadError
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "INTERPOLATIONS",
     "RESIZE_MODES",
     "Preprocess",
+    "check_header",
     "is_dicom",
     "read_image",
     "read_mask",
@@ -67,11 +68,6 @@ RESIZE_MODES = ("squash", "letterbox", "crop")
 INTERPOLATIONS = ("bicubic", "bilinear", "area", "nearest")
 _INTERPOLATION_ALIASES = {"box": "area"}
 _DICOM_SUFFIXES = (".dcm", ".dicom")
-_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-# pydicom converts YBR_FULL(_422) to RGB; JPEG 2000 decoders undo the YBR_ICT/YBR_RCT transform.
-_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
-# pip names of pydicom's decoding plugins where they differ from the import name.
-_PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -120,9 +116,16 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
     path = _check_file(path)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise ImageReadError(f"{path}: frame must be an integer index, got {frame!r}")
-    if is_dicom(path):
-        return _read_dicom(path, frame)
-    return _read_pil(path, frame)
+    try:
+        if is_dicom(path):
+            from featcache.dicom import read_dicom
+
+            return read_dicom(path, frame)
+        return _read_pil(path, frame)
+    except ImageReadError:
+        raise
+    except Exception as e:  # a decoder bug: one line with fixed words, never the decoder's text
+        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -152,12 +155,13 @@ def read_mask(path: str | Path) -> np.ndarray:
                 raise ImageReadError(f"{path}: JPEG is lossy and blurs label boundaries; save masks as PNG")
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageReadError(f"{path}: mask has {im.n_frames} frames; save one label map per file")
+            check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
             im.load()
             arr = _mask_array(im, path)
     except ImageReadError:
         raise
     except Exception as e:
-        raise ImageReadError(f"{path}: cannot decode mask ({_one_line(e)})") from e
+        raise ImageReadError(f"{path}: cannot decode mask ({_one_line(e)})") from None
     values = np.unique(arr)
     if values.size and values[0] < 0:
         raise ImageReadError(
@@ -169,18 +173,81 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr
 
 
+def check_header(path: str | Path) -> None:
+    """Check a file as far as possible without decoding its pixels (what ``featcache check`` runs).
+
+    Refuses what :func:`read_image` would refuse from the header alone: a missing, empty or folder
+    path, an unrecognised format, several frames, more pixels than the decode limit
+    (``featcache.dicom.max_pixels``), a DICOM file without pixel data or with corrupt geometry. PNG
+    files also have their chunk checksums verified, which finds truncated and damaged files.
+
+    Args:
+        path: image (or mask) file.
+
+    Raises:
+        ImageReadError: naming the file and what is wrong.
+    """
+    path = _check_file(path)
+    if is_dicom(path):
+        from featcache.dicom import declared_pixels, read_dicom_header
+
+        ds = read_dicom_header(path)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
+        n = declared_pixels(ds, path, frames=None) // max(1, declared_pixels(ds, path, frames=1))
+        err = _frame_count_error(path, n, None)
+        if err is not None:
+            raise err
+        check_pixel_count(declared_pixels(ds, path, frames=1), path)
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            err = _frame_count_error(path, getattr(im, "n_frames", 1), None)
+            if err is not None:
+                raise err
+            check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
+            if im.format == "PNG":
+                im.verify()
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG, TIFF or DICOM)") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"{path}: declares more pixels than Pillow's limit (a possible decompression bomb); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
+
+
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, not an image file (DICOM series are read as volumes)")
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file; check the path and the manifest root")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot be read ({type(e).__name__}); check its permissions") from None
+    if size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes); the copy or download did not finish")
     return path
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
+    """A fixed description of a decoder failure: never the decoder's text, which may quote file content."""
+    text = str(e).lower()
+    if "truncat" in text or isinstance(e, EOFError):
+        what = "truncated file"
+    elif isinstance(e, MemoryError):
+        what = "out of memory"
+    else:
+        what = "corrupt or unsupported image data"
+    return f"{type(e).__name__}: {what}"
 
 
 def _frame_count_error(path: Path, n: int, frame: int | None) -> ImageReadError | None:
@@ -204,6 +271,7 @@ def _read_pil(path: Path, frame: int | None) -> np.ndarray:
             err = _frame_count_error(path, getattr(im, "n_frames", 1), frame)
             if err is not None:
                 raise err
+            check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
             if frame:
                 im.seek(frame)
             im.load()
@@ -214,12 +282,13 @@ def _read_pil(path: Path, frame: int | None) -> np.ndarray:
         raise
     except UnidentifiedImageError as e:
         raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG, TIFF or DICOM)") from e
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError:
         raise ImageReadError(
-            f"{path}: {_one_line(e)}; raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
-        ) from e
+            f"{path}: declares more pixels than Pillow's limit (a possible decompression bomb); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
     except Exception as e:
-        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from e
+        raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
 
 
 def _pil_to_float(im: Any, path: Path) -> np.ndarray:
@@ -281,141 +350,6 @@ def _mask_array(im: Any, path: Path) -> np.ndarray:
         if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
             raise ImageReadError(f"{path}: mask has fractional labels; labels must be integers")
     return arr.astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------- DICOM
-
-
-def _read_dicom(path: Path, frame: int | None) -> np.ndarray:
-    try:
-        import pydicom
-        from pydicom.pixels import get_decoder
-    except ImportError as e:
-        raise ImageReadError(f"{path}: reading DICOM needs pydicom; pip install 'featcache[dicom]'") from e
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as e:
-        raise ImageReadError(f"{path}: not a readable DICOM file ({_one_line(e)})") from e
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
-
-    meta = ds.get("file_meta") or pydicom.dataset.FileMetaDataset()
-    if "TransferSyntaxUID" not in meta:
-        # Files without a meta header (old ACR-NEMA style): take the encoding the parser found.
-        implicit, little = getattr(ds, "original_encoding", (True, True))
-        meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian
-            if implicit
-            else (pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-        )
-        ds.file_meta = meta
-    ts = meta.TransferSyntaxUID
-    ts_text = f"'{ts.name}' ({ts})" if ts.name != str(ts) else f"'{ts}'"
-    try:
-        decoder = get_decoder(ts)
-    except NotImplementedError as e:
-        raise ImageReadError(
-            f"{path}: transfer syntax {ts_text} cannot be decoded by pydicom; convert the file to an "
-            "uncompressed syntax (e.g. gdcmconv --raw, dcmdjpeg)"
-        ) from e
-    if not decoder.is_available:
-        raise ImageReadError(
-            f"{path}: no decoder installed for transfer syntax {ts_text}; {_install_hint(decoder)}"
-        )
-
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    err = _frame_count_error(path, n, frame)
-    if err is not None:
-        raise err
-    index = frame or 0
-    try:
-        if n > 1:
-            ds.pixel_array_options(index=index)
-        arr = ds.pixel_array
-    except Exception as e:
-        raise ImageReadError(f"{path}: cannot decode pixel data in {ts_text} ({_one_line(e)})") from e
-
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    try:
-        if pi in _MONOCHROME and arr.ndim == 2:
-            return _dicom_gray(arr, ds, index, invert=pi == "MONOCHROME1")
-        if pi in _COLOUR and arr.ndim == 3 and arr.shape[-1] == 3:
-            bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
-            return np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
-        if pi == "PALETTE COLOR" and arr.ndim == 2:
-            from pydicom.pixels import apply_color_lut
-
-            rgb = apply_color_lut(arr, ds)
-            return rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
-    except ImageReadError:
-        raise
-    except Exception as e:
-        raise ImageReadError(f"{path}: cannot apply the DICOM intensity transforms ({_one_line(e)})") from e
-    raise ImageReadError(
-        f"{path}: unsupported photometric interpretation {pi} with pixel array shape {arr.shape}"
-    )
-
-
-def _install_hint(decoder: Any) -> str:
-    options = []
-    for line in decoder.missing_dependencies:
-        label, _, needs = line.partition(" - requires ")
-        if not needs:
-            continue
-        pkgs = [
-            _PIP_NAMES.get(re.split(r"[<>=]", p)[0].strip(), p.strip()) for p in re.split(r",| and ", needs)
-        ]
-        options.append("pip install " + " ".join(f"'{p}'" for p in pkgs if p and p != "numpy"))
-    if not options:
-        return "no pydicom decoding plugin supports it here; convert the file to an uncompressed syntax"
-    return "install one of: " + "; ".join(options)
-
-
-def _use_frame_groups(ds: Any, index: int) -> None:
-    """Copy rescale and window attributes of an enhanced multi-frame object to the top level."""
-    items = []
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        items.append(shared[0])
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame):
-        items.append(per_frame[index])  # per-frame values override shared ones
-    for item in items:
-        for keyword in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
-            seq = item.get(keyword)
-            if seq:
-                for elem in seq[0]:
-                    ds[elem.tag] = elem
-
-
-def _dicom_gray(arr: np.ndarray, ds: Any, index: int, invert: bool) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
-
-    _use_frame_groups(ds, index)
-    x = apply_modality_lut(arr, ds)
-    lo = hi = None
-    voi_seq = ds.get("VOILUTSequence")
-    has_lut = bool(voi_seq) and "LUTDescriptor" in voi_seq[0] and "LUTData" in voi_seq[0]
-    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
-    if has_lut:
-        if x.dtype.kind == "f" and (x == np.round(x)).all():
-            x = x.astype(np.int64)  # a VOI LUT indexes by integer value
-        first, n_entries = int(voi_seq[0].LUTDescriptor[1]), int(voi_seq[0].LUTDescriptor[0]) or 2**16
-        lut = apply_voi(np.arange(first, first + n_entries), ds)
-        x, lo, hi = apply_voi(x, ds), float(lut.min()), float(lut.max())
-    elif has_window:
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                ends = apply_windowing(np.array([-np.inf, np.inf]), ds)
-            x, lo, hi = apply_windowing(x, ds), float(ends[0]), float(ends[1])
-        except ValueError:
-            lo = hi = None  # an invalid window (width < 1, unknown function): fall back to min-max
-    x = np.asarray(x, dtype=np.float64)
-    if lo is None or hi is None or not hi > lo:
-        out = _minmax(x)
-    else:
-        out = np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    return 1.0 - out if invert else out
 
 
 # ------------------------------------------------------------------------------------------ preprocess

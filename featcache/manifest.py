@@ -116,10 +116,108 @@ def _rows_text(lines: list[int], ids: list[str] | None = None) -> str:
 
 
 def _inside(root: Path, rel: str) -> bool:
-    if os.path.isabs(rel):
+    """Whether ``rel`` names a place inside ``root`` as written (no absolute path, no ``..`` out)."""
+    if os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":"):
         return False
     target = os.path.normpath(os.path.join(str(root), rel))
     return target == str(root) or target.startswith(str(root) + os.sep)
+
+
+def resolves_inside(root: Path, rel: str, _parents: dict[str, str] | None = None) -> bool:
+    """Whether ``root / rel`` still lies inside ``root`` once symbolic links are followed.
+
+    Args:
+        root: the (already resolved) root folder.
+        rel: a path relative to it, as written in the manifest.
+        _parents: cache of resolved parent folders, shared across the rows of one manifest (the
+            folder part is resolved once per folder, the file itself is checked for being a link).
+
+    Returns:
+        False when the text escapes (absolute, ``..``) or a link on the way points outside the root;
+        a path that does not exist is judged by the links of the part that does.
+    """
+    if not _inside(root, rel):
+        return False
+    cache = {} if _parents is None else _parents
+    real_root = cache.get("\0") or cache.setdefault("\0", os.path.realpath(root))
+    parent, name = os.path.split(rel)
+    if _parents is None or name in ("", ".", ".."):
+        target = os.path.realpath(os.path.join(real_root, rel))
+    else:
+        real_parent = _parents.get(parent)
+        if real_parent is None:
+            real_parent = _parents[parent] = os.path.realpath(os.path.join(real_root, parent))
+        target = os.path.join(real_parent, name)
+        if os.path.islink(target):
+            target = os.path.realpath(target)
+    return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def bad_column_name(name: str) -> str | None:
+    """Why a header cell cannot be a column name, or None when it can.
+
+    Column names become array names in the feature store (``meta/<name>``, label names), so they must
+    be plain: not empty, no ``/`` or ``\\``, no control characters, and not ``.``, ``..`` or a name
+    starting with ``.`` or ``__`` once the ``meta_`` prefix is removed.
+    """
+    if not name:
+        return "is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if "/" in name or "\\" in name:
+        return "contains '/' or '\\'"
+    key = name[len("meta_") :] if name.startswith("meta_") else name
+    if not key:
+        return "is a bare 'meta_'"
+    if key.startswith((".", "__")):
+        return "starts with '.' or '__'"
+    return None
+
+
+def _check_locations(
+    problems: list[str],
+    root: Path,
+    values: list[str],
+    line: np.ndarray,
+    what: str,
+    check_files: bool,
+    kind: str,
+) -> bool:
+    """Add the problems of one path column (escaping the root, missing, folders); True if any escape."""
+    control = [i for i, p in enumerate(values) if any(ord(c) < 32 or ord(c) == 127 for c in p)]
+    if control:
+        problems.append(
+            f"rows {_rows_text([int(line[i]) for i in control])} have control characters (e.g. NUL) in "
+            f"their {what}; fix the file names in the manifest"
+        )
+        return True
+    outside = [i for i, p in enumerate(values) if p and not _inside(root, p)]
+    skip = set(outside)
+    parents: dict[str, str] = {}
+    linked = [
+        i for i, p in enumerate(values) if p and i not in skip and not resolves_inside(root, p, parents)
+    ]
+    if outside:
+        rows = _rows_text([int(line[i]) for i in outside], [values[i] for i in outside])
+        problems.append(f"rows {rows} have {what} outside the root {root} (use paths relative to --root)")
+    if linked:
+        rows = _rows_text([int(line[i]) for i in linked], [values[i] for i in linked])
+        problems.append(
+            f"rows {rows} have {what} that lead outside the root {root} through a symbolic link; "
+            "copy the files under the root or pass a --root that holds the link targets"
+        )
+    if not check_files or outside or linked:
+        return bool(outside or linked)
+    folders = [i for i, p in enumerate(values) if p and (root / p).is_dir()]
+    skip = set(folders)
+    missing = [i for i, p in enumerate(values) if p and i not in skip and not (root / p).is_file()]
+    if missing:
+        rows = _rows_text([int(line[i]) for i in missing], [values[i] for i in missing])
+        problems.append(f"rows {rows} name {kind} files that do not exist under {root}")
+    if folders:
+        rows = _rows_text([int(line[i]) for i in folders], [values[i] for i in folders])
+        problems.append(f"rows {rows} name folders, not {kind} files, under {root}")
+    return False
 
 
 def read_manifest(
@@ -152,7 +250,9 @@ def read_manifest(
             header = next(reader, None)
             records = [r for r in reader if any(cell.strip() for cell in r)]
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(f"{csv_path}: not a readable CSV file ({e})") from None
+        raise ManifestError(
+            f"{csv_path}: not a readable CSV file ({' '.join(str(e).split())[:200]}); save it as UTF-8 CSV"
+        ) from None
     return parse_manifest(header, records, root=root.resolve(), source=str(csv_path), check_files=check_files)
 
 
@@ -173,11 +273,12 @@ def parse_manifest(
     dup_cols = sorted({h for h in header if header.count(h) > 1})
     if dup_cols:
         raise ManifestError(f"{source}: duplicate column names {dup_cols}; rename them")
-    bad_names = [h for h in header if not h or h == "meta_" or "/" in h]
+    bad_names = [(h, why) for h in header if (why := bad_column_name(h)) is not None]
     if bad_names:
+        text = "; ".join(f"{h!r} {why}" for h, why in bad_names[:_MAX_NAMED])
         raise ManifestError(
-            f"{source}: column names {bad_names} are empty, a bare 'meta_' or contain '/'; "
-            "give every column a plain name (a trailing comma in the header makes an empty one)"
+            f"{source}: bad column names: {text}; give every column a plain name (letters, digits, '_', "
+            "'-', spaces; a trailing comma in the header makes an empty one)"
         )
     if "path" not in header:
         raise ManifestError(
@@ -241,31 +342,10 @@ def parse_manifest(
         more = f" and {len(leaks) - _MAX_NAMED} more patients" if len(leaks) > _MAX_NAMED else ""
         problems.append(f"patients in more than one split (leakage): {text}{more}")
 
-    escaping = [int(line[i]) for i, p in enumerate(paths) if p and not _inside(root, p)]
-    if escaping:
-        problems.append(
-            f"rows {_rows_text(escaping)} have paths outside the root {root} (use paths relative to --root)"
-        )
     masks = cols.get("mask")
+    escaping = _check_locations(problems, root, paths, line, "paths", check_files, "image")
     if masks is not None:
-        bad = [int(line[i]) for i, m in enumerate(masks) if m and not _inside(root, m)]
-        if bad:
-            problems.append(f"rows {_rows_text(bad)} have mask paths outside the root {root}")
-
-    if check_files and not escaping:
-        missing = [i for i, p in enumerate(paths) if p and not (root / p).is_file()]
-        if missing:
-            problems.append(
-                f"rows {_rows_text([int(line[i]) for i in missing], [paths[i] for i in missing])} "
-                f"name image files that do not exist under {root}"
-            )
-        if masks is not None:
-            missing = [i for i, m in enumerate(masks) if m and not (root / m).is_file()]
-            if missing:
-                problems.append(
-                    f"rows {_rows_text([int(line[i]) for i in missing], [masks[i] for i in missing])} "
-                    f"name mask files that do not exist under {root}"
-                )
+        escaping |= _check_locations(problems, root, masks, line, "mask paths", check_files, "mask")
 
     label_names = [h for h in header if h not in RESERVED and not h.startswith("meta_")]
     if label_names and "label" in header:

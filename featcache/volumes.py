@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.dicom import _pi_text, check_pixel_count, declared_pixels, read_dicom_header
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
 from featcache.manifest import Manifest, read_manifest, write_manifest
 
@@ -250,10 +251,9 @@ def _read_nifti(path: Path, frame: int | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(path))
     except Exception as e:
-        raise ImageReadError(
-            f"{path}: not a readable NIfTI file ({' '.join(str(e).split())[:200]})"
-        ) from None
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
     shape = img.shape
+    check_pixel_count(int(np.prod(shape[:3], dtype=np.int64)), path, "volume")
     if len(shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
     elif len(shape) == 4:
@@ -327,7 +327,8 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
         return ds.pixel_array
     except Exception as e:
         raise ImageReadError(
-            f"{path}: cannot decode DICOM pixel data ({' '.join(str(e).split())[:200]})"
+            f"{path}: cannot decode DICOM pixel data ({type(e).__name__}: truncated or corrupt pixel data, "
+            "or a header that does not match it)"
         ) from None
 
 
@@ -335,7 +336,7 @@ def _photometric(ds: Any, path: Path) -> bool:
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if pi not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(
-            f"{path}: photometric interpretation {pi}; only grayscale DICOM volumes are supported"
+            f"{path}: photometric interpretation {_pi_text(pi)}; only grayscale DICOM volumes are supported"
         )
     return pi == "MONOCHROME1"
 
@@ -382,6 +383,7 @@ def _assemble(frames: list[np.ndarray], geoms: list[tuple], where: str) -> tuple
 
 def _read_dicom_multiframe(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     invert = _photometric(ds, path)
+    check_pixel_count(declared_pixels(ds, path), path, "DICOM volume")
     arr = _pixels(ds, path)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n == 1:
@@ -395,12 +397,24 @@ def _read_dicom_multiframe(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray,
     return data, affine, invert
 
 
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+def _inside_root(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return True
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _read_dicom_series(folder: Path, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     pydicom = _pydicom()
     headers = []
     for f in sorted(folder.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name.upper() == "DICOMDIR":
             continue
+        if not _inside_root(f, root):
+            raise ImageReadError(
+                f"{f}: a symbolic link in the series folder leads outside the root {root}; copy the file "
+                "into the folder or pass a --root that holds the link targets"
+            )
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception:  # not DICOM (a README, a thumbnail): not part of the series
@@ -420,7 +434,9 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, bool]:
         )
     if len(headers) == 1:
         f = headers[0][0]
-        return _read_dicom_multiframe(pydicom.dcmread(f), f)
+        return _read_dicom_multiframe(read_dicom_header(f), f)
+    total = sum(declared_pixels(ds, f, frames=1) for f, ds in headers if "Rows" in ds)
+    check_pixel_count(total, folder, f"DICOM series of {len(headers)} files")
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in headers):
         raise ImageReadError(
             f"{folder}: mixes multi-frame files with other files; list multi-frame files on their own"
@@ -432,7 +448,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, bool]:
 
     frames, geoms, inverts = [], [], set()
     for f, _ in headers:
-        ds = pydicom.dcmread(f)
+        ds = read_dicom_header(f, force=False)
         inverts.add(_photometric(ds, f))
         if "PixelData" not in ds:
             raise ImageReadError(
@@ -444,12 +460,16 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     return data, affine, inverts == {True}
 
 
-def read_volume(path: str | os.PathLike, frame: int | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike, frame: int | None = None, *, root: str | os.PathLike | None = None
+) -> Volume:
     """Read a NIfTI file, a DICOM series folder or a multi-frame DICOM file as a canonical RAS+ volume.
 
     Args:
         path: ``.nii``/``.nii.gz`` file, folder of one DICOM series, or a (multi-frame) DICOM file.
         frame: time point of a 4-D NIfTI file (required when it has more than one).
+        root: when given, every file read (the files of a series folder included) must lie inside it
+            once symbolic links are followed.
 
     Returns:
         The :class:`Volume` (see the module docstring for orientation and intensity conventions).
@@ -459,18 +479,24 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> Volume:
             series or duplicate slice positions, colour DICOM.
     """
     path = Path(path)
+    if not _inside_root(path, root):
+        raise ImageReadError(
+            f"{path}: leads outside the root {root} (a symbolic link?); keep volumes under the root"
+        )
     if path.is_dir():
-        data, affine, invert = _read_dicom_series(path)
+        data, affine, invert = _read_dicom_series(path, None if root is None else Path(root))
     elif not path.is_file():
         raise ImageReadError(f"{path}: no such file or folder; check the path and the manifest root")
     elif _is_nifti(path):
         data, affine = _read_nifti(path, frame)
         invert = False
     else:
-        pydicom = _pydicom()
+        _pydicom()
         try:
-            ds = pydicom.dcmread(path)
-        except Exception:
+            ds = read_dicom_header(path, force=False)
+        except ImageReadError as e:
+            if "decompression bomb" in str(e):
+                raise
             raise ImageReadError(
                 f"{path}: not a volume; expected a .nii/.nii.gz file, a DICOM series folder or a multi-frame DICOM"
             ) from None
@@ -482,13 +508,16 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> Volume:
     )
 
 
-def read_label_volume(path: str | os.PathLike, like: Volume, frame: int | None = None) -> np.ndarray:
+def read_label_volume(
+    path: str | os.PathLike, like: Volume, frame: int | None = None, *, root: str | os.PathLike | None = None
+) -> np.ndarray:
     """Read a label volume and check that it lies on the voxel grid of ``like``.
 
     Args:
         path: NIfTI file, DICOM series folder or multi-frame DICOM of integer labels.
         like: the image volume it annotates.
         frame: time point of a 4-D label file.
+        root: see :func:`read_volume`.
 
     Returns:
         int64 [X, Y, Z] labels in the same canonical orientation as ``like.data``.
@@ -496,7 +525,7 @@ def read_label_volume(path: str | os.PathLike, like: Volume, frame: int | None =
     Raises:
         ImageReadError: unreadable, on another grid (shape or affine), negative or fractional labels.
     """
-    lab = read_volume(path, frame)
+    lab = read_volume(path, frame, root=root)
     if lab.shape != like.shape or not np.allclose(lab.affine, like.affine, atol=1e-3):
         raise ImageReadError(
             f"{path}: label volume grid {lab.shape} does not match the image {like.source} {like.shape} "
@@ -628,10 +657,10 @@ def expand_volumes(
         while folder in used:
             folder, n = f"{_safe(vid)}_{n}", n + 1
         used.add(folder)
-        vol = read_volume(m.root / m.paths[i], frame)
+        vol = read_volume(m.root / m.paths[i], frame, root=m.root)
         labels = None
         if m.masks is not None and m.masks[i]:
-            labels = read_label_volume(m.root / m.masks[i], vol, frame)
+            labels = read_label_volume(m.root / m.masks[i], vol, frame, root=m.root)
         lo, hi = win.bounds(vol.data)
         img16 = apply_window(vol.data, lo, hi)
         if vol.invert:

@@ -145,11 +145,18 @@ def test_split_refuses_bad_requests(tmp_path):
         split_manifest(path, tmp_path / "o.csv", by="meta_hospital")
 
 
+def _png(path, value):
+    """A small real PNG whose bytes differ for each ``value``."""
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 4), value % 256, dtype=np.uint8)).save(path)
+
+
 @pytest.fixture
 def good(tmp_path):
     """A valid manifest with its image files: 3 patients, 6 images, two labels."""
     for i in range(6):
-        (tmp_path / f"{i}.png").write_bytes(b"\x89PNG")
+        _png(tmp_path / f"{i}.png", i)
     cols = {
         "path": [f"{i}.png" for i in range(6)],
         "id": [f"img{i}" for i in range(6)],
@@ -199,8 +206,8 @@ def test_check_fails_on_planted_problems(good, plant, message):
 
 def test_cli_split_then_check(tmp_path):
     path, _ = _small(tmp_path)
-    for name in _read(path):
-        (tmp_path / name["path"]).write_bytes(b"\x89PNG")
+    for i, name in enumerate(_read(path)):
+        _png(tmp_path / name["path"], i)
     out = tmp_path / "s.csv"
     r = CliRunner().invoke(cli.featcache, ["split", str(path), "--val", "0.2", "--test", "0.2", "--stratify", "effusion", "--out", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -209,3 +216,25 @@ def test_cli_split_then_check(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0].split() == ["train", "val", "test", "all"]
     assert r.output.strip().endswith("passes every check")
+
+
+def test_check_refuses_identical_files_in_two_splits(good):
+    folder, cols = good
+    (folder / "5.png").write_bytes((folder / "0.png").read_bytes())  # a copy under another name
+    path = write_manifest(folder / "m.csv", cols)
+    with pytest.raises(ManifestError) as e:
+        check_manifest(path)
+    msg = str(e.value)
+    assert "row 2 (id 'img0', 0.png, train)" in msg and "row 7 (id 'img5', 5.png, test)" in msg
+    assert "leakage" in msg and "\n" not in msg
+    r = CliRunner().invoke(cli.featcache, ["check", str(path)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+
+
+def test_check_warns_once_on_identical_files_in_one_split(good):
+    folder, cols = good
+    (folder / "1.png").write_bytes((folder / "0.png").read_bytes())
+    report = check_manifest(write_manifest(folder / "m.csv", cols))
+    dup = [w for w in report.warnings if "repeat the bytes" in w]
+    assert dup == ["1 rows repeat the bytes of another image file of their split ('img0' = 'img1'); "
+                   "they are not leakage but weigh those images twice"]  # fmt: skip

@@ -1,13 +1,18 @@
 """Check a manifest before spending GPU time on it, and show what is in each split.
 
-Errors (a ``ManifestError``, one line naming the rows): a patient in two splits
-(leakage), duplicate ids, label values other than 1/0/-1/blank, image or mask
-files missing under the root, the same image file in two splits. These are the
-manifest reader's own checks (``featcache.manifest``) plus the last one, so a
+Errors (a ``ManifestError`` or ``ImageReadError``, one line naming the rows or
+the file): a patient in two splits (leakage), duplicate ids, label values other
+than 1/0/-1/blank, image or mask files missing under the root or reached through
+a symbolic link that leads outside it, the same image file in two splits, and
+(when files are checked) two files with identical bytes in two splits
+(``featcache.dedup``) and files that are empty or whose header declares more
+pixels than the decode limit (``featcache.dicom.max_pixels``). These are the
+manifest reader's own checks plus the extraction's pre-flight checks, so a
 manifest that passes here is one ``featcache extract`` accepts.
 
 Warnings: labels (or classes) with no positives in a split, labels that are
-blank everywhere, rows with no split, the same image file listed twice.
+blank everywhere, rows with no split, the same image file listed twice, files
+with identical bytes within one split.
 
 The report is a table: per split (and ``all``), images, patients and the
 positive images per label (multi-label) or the images per class (multi-class).
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import ManifestError
 from featcache.manifest import Manifest, read_manifest
 
@@ -77,21 +83,38 @@ def _duplicate_paths(m: Manifest) -> tuple[list[str], list[str]]:
     return across, within
 
 
+def _check_headers(m: Manifest) -> None:
+    """Refuse empty files and files whose header declares more pixels than the decode limit."""
+    from featcache.images import check_header
+
+    for i in range(len(m)):
+        check_header(m.abspath(i))
+        if m.masks is not None and m.masks[i]:
+            check_header(m.root / m.masks[i])
+
+
 def check_manifest(
-    csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True
+    csv_path: str | Path,
+    root: str | Path | None = None,
+    *,
+    check_files: bool = True,
+    hash_cache: str | Path | None = None,
 ) -> CheckReport:
     """Validate a manifest and count images, patients and positives per split.
 
     Args:
         csv_path: the manifest CSV.
         root: folder the paths are relative to (default: the CSV's folder).
-        check_files: check that every image and mask file exists.
+        check_files: check that every image and mask file exists, is not empty, declares a size
+            within the decode limit, and that no two files of different splits have identical bytes.
+        hash_cache: digest cache file for the duplicate check (see ``featcache.dedup.hash_files``).
 
     Returns:
         A ``CheckReport`` (table and warnings).
 
     Raises:
         ManifestError: leakage, duplicate ids, bad label values, missing files, one image in two splits.
+        ImageReadError: an empty file or one that declares too many pixels.
     """
     m = read_manifest(csv_path, root, check_files=check_files)
     across, within = _duplicate_paths(m)
@@ -109,6 +132,9 @@ def check_manifest(
             f" and {len(within) - _SHOWN} more" if len(within) > _SHOWN else ""
         )
         warnings.append(f"{len(within)} image files are listed more than once: {shown}")
+    if check_files:
+        _check_headers(m)
+        warnings.extend(refuse_cross_split_duplicates(m, cache=hash_cache).warnings)
 
     present = [s for s in ("train", "val", "test") if np.any(m.splits == s)]
     columns = present + (["(none)"] if np.any(m.splits == "") else []) + ["all"]
