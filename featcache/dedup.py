@@ -89,8 +89,11 @@ def _load_cache(path: Path | None) -> dict[str, list]:
 
 def _save_cache(path: Path, files: dict[str, list]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"version": _CACHE_VERSION, "algorithm": "blake2b-128", "files": files}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "algorithm": "blake2b-128", "files": files}))
+        os.replace(tmp, path)
+    except OSError:  # a cache that cannot be written only costs a re-hash next time
+        tmp.unlink(missing_ok=True)
 
 
 def hash_files(

@@ -13,6 +13,7 @@ out-of-memory instead of crashing. On CPU everything is float32.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import queue
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from featcache import __version__
+from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import FeatcacheError, ImageReadError
 from featcache.images import Preprocess, read_image
 from featcache.manifest import Manifest, read_manifest
@@ -127,6 +129,18 @@ class ExtractResult:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
+def _hash_cache_path(manifest_path: str | os.PathLike) -> Path | None:
+    """Where the file digests of a manifest's images are kept between runs (a resumed or repeated
+    extraction re-reads only changed files): the user cache folder, or None when it cannot be made."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featcache" / "file-hashes"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    key = hashlib.sha1(str(Path(manifest_path).resolve()).encode()).hexdigest()[:16]
+    return base / f"{key}.json"
+
+
 def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> str:
     """``<manifest stem>/<model>/<res>``, with the model name made path-safe."""
     model_part = Path(model).name if os.path.isdir(model) else model
@@ -195,7 +209,8 @@ class _Images(torch.utils.data.Dataset):
         except ImageReadError as e:
             return i, None, str(e)
         except Exception as e:  # any decoder bug must not kill the run; it is recorded per row
-            return i, None, f"{path}: {type(e).__name__}: {e}"
+            # the exception's text could quote header values (patient data): only its type is kept
+            return i, None, f"{path}: cannot decode ({type(e).__name__})"
 
 
 def _collate(items):
@@ -362,6 +377,10 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         raise FeatcacheError(f"--shard-size {cfg.shard_rows}: must be 1 or more")
     num_shards, shard_index = _worker_slice(cfg)
     manifest = read_manifest(cfg.data, cfg.root)  # validated before any model is loaded
+    # the same image in two splits leaks test into train: refused before any GPU work
+    dedup = refuse_cross_split_duplicates(manifest, cache=_hash_cache_path(cfg.data))
+    for line in dedup.warnings:
+        print(f"featcache extract: {line}", file=sys.stderr)
     device = _resolve_device(cfg.device)
     dtype = _resolve_dtype(cfg.dtype, device)
 
@@ -402,6 +421,11 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         "patch_pool": cfg.patch_pool,
         "versions": _versions(),
         "device": _device_name(device),
+        "duplicates": {
+            "hash": "blake2b-128 of the file bytes",
+            "cross_split": 0,
+            "within_split": int(sum(len(g.rows) - 1 for g in dedup.within_split)),
+        },
     }
     store = FeatureStore(cfg.out, mode="a")
     fs = store.create_set(name, manifest, specs, attrs, shard_rows=cfg.shard_rows)
