@@ -108,7 +108,10 @@ def first_patient_episodes(
         FeatcacheError: multi-class when a class ends with no patient.
     """
     pids = np.asarray(patient_ids).astype(str)
-    n_labels = Y.shape[1] if task == "multilabel" else int(Y.max()) + 1
+    if task == "multilabel":
+        n_labels = Y.shape[1]
+    else:
+        n_labels = len(label_names) if label_names is not None else int(Y.max()) + 1
     names = [str(j) for j in range(n_labels)] if label_names is None else list(label_names)
     _, pidx = np.unique(pids, return_inverse=True)
     n_pat = int(pidx.max()) + 1 if len(pidx) else 0
