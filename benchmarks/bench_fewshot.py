@@ -81,8 +81,8 @@ def write_store(root: Path, X, Y, pids, n_train: int) -> tuple[Path, str]:
     return root / "cache", set_name
 
 
-def run_command(cache: Path, set_name: str, shots: int, seeds: int, out: Path) -> float:
-    """Seconds of one ``probes fewshot`` subprocess (output file removed first)."""
+def run_command(cache: Path, set_name: str, shots: int, seeds: int, out: Path) -> tuple[float, str]:
+    """Seconds and standard output of one ``probes fewshot`` subprocess (output files removed first)."""
     for p in (out, Path(str(out) + ".episodes.json")):
         p.unlink(missing_ok=True)
     cmd = [
@@ -99,10 +99,14 @@ def run_command(cache: Path, set_name: str, shots: int, seeds: int, out: Path) -
     return seconds, done.stdout
 
 
-def naive_loop(cache: Path, set_name: str, episodes_file: Path, fraction: float):
-    """Per-episode scikit-learn on the same store and episodes; returns timings and AUROCs."""
+def naive_loop(cache: Path, set_name: str, episodes_file: Path, fraction: float, one_thread: bool = False):
+    """Per-episode scikit-learn on the same store and episodes; returns timings and AUROCs.
+
+    ``one_thread`` limits BLAS to one thread (the fastest form of the loop for tiny fits).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
 
     from probes.data import load_probe_data
 
@@ -123,13 +127,14 @@ def naive_loop(cache: Path, set_name: str, episodes_file: Path, fraction: float)
     subset = np.sort(rng.choice(len(episodes), max(1, int(round(fraction * len(episodes)))), replace=False))
     aucs = {}
     t = time.perf_counter()
-    for i in subset:
-        e = episodes[i]
-        j = d.label_names.index(e["label"])
-        support = [where[r] for r in e["support_ids"]]
-        p = LogisticRegression(C=1.0).fit(A[support], e["targets"]).predict_proba(B)[:, 1]
-        known = ~np.isnan(d.test.y[:, j])
-        aucs[(e["label"], e["shots"], e["seed"])] = roc_auc_score(d.test.y[known, j], p[known])
+    with threadpool_limits(limits=1 if one_thread else None, user_api="blas"):
+        for i in subset:
+            e = episodes[i]
+            j = d.label_names.index(e["label"])
+            support = [where[r] for r in e["support_ids"]]
+            p = LogisticRegression(C=1.0).fit(A[support], e["targets"]).predict_proba(B)[:, 1]
+            known = ~np.isnan(d.test.y[:, j])
+            aucs[(e["label"], e["shots"], e["seed"])] = roc_auc_score(d.test.y[known, j], p[known])
     loop_s = time.perf_counter() - t
     return load_s, loop_s, len(subset), len(episodes), aucs
 
@@ -155,11 +160,12 @@ def main() -> None:
         runs = [run_command(cache, set_name, args.shots, args.seeds, out) for _ in range(args.repeats)]
         command_s = float(np.median([s for s, _ in runs]))
         rows = [json.loads(line) for line in out.read_text().splitlines()]
-        load_s, loop_s, n_sub, n_eps, ref = naive_loop(
-            cache, set_name, Path(str(out) + ".episodes.json"), args.subset
-        )
+        episodes_file = Path(str(out) + ".episodes.json")
+        load_s, loop_s, n_sub, n_eps, ref = naive_loop(cache, set_name, episodes_file, args.subset)
+        _, one_s, _, _, _ = naive_loop(cache, set_name, episodes_file, args.subset, one_thread=True)
     scale = n_eps / n_sub
     naive_s = load_s + loop_s * scale
+    naive_one_s = load_s + one_s * scale
     got = {
         (r["label"], r["shots"], r["seed"]): r["value"]
         for r in rows
@@ -183,7 +189,9 @@ def main() -> None:
         "naive_subset_episodes": n_sub,
         "naive_loop_s_extrapolated": loop_s * scale,
         "naive_total_s": naive_s,
+        "naive_1thread_total_s": naive_one_s,
         "speedup": naive_s / command_s,
+        "speedup_vs_1thread": naive_one_s / command_s,
         "max_abs_auroc_diff": float(diffs.max()),
         "mean_auroc_by_shots": {k: float(np.mean(v)) for k, v in sorted(means.items()) if v},
     }
@@ -197,7 +205,11 @@ def main() -> None:
         f"naive loop: load {load_s:.2f} s + {loop_s:.2f} s for {n_sub} random episodes, extrapolated "
         f"x{scale:.1f} to all: {naive_s:.2f} s"
     )
-    print(f"speed-up of the command: {result['speedup']:.1f}x (target >= 20x)")
+    print(f"naive loop with one BLAS thread, extrapolated: {naive_one_s:.2f} s")
+    print(
+        f"speed-up of the command: {result['speedup']:.1f}x (target >= 20x); "
+        f"{result['speedup_vs_1thread']:.1f}x against the one-thread loop"
+    )
     print(
         f"max |AUROC command - naive| over {n_sub} episodes: {result['max_abs_auroc_diff']:.2e} (target <= 0.002)"
     )

@@ -17,6 +17,7 @@ from cli import probes
 from featcache.errors import FeatcacheError
 from featcache.manifest import read_manifest, write_manifest
 from featcache.store import ArraySpec, FeatureStore
+from probes.data import load_probe_data
 from probes.episodes import first_patient_episodes
 from probes.fewshot import fewshot_scores, sample_episodes
 from probes.fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
@@ -77,10 +78,14 @@ def test_an_episode_depends_only_on_its_label_name_shots_and_seed(three_labels, 
     # the same support and the same pool give the same test AUROC
     value = {(r["shots"], r["seed"]): r["value"] for r in among if r["label"] == "c"}
     assert all(value[(r["shots"], r["seed"])] == r["value"] for r in alone if r["label"] == "c")
-    # and the draws of one label are those of sample_episodes given only its name
-    assert [e["support_ids"] for e in _episodes(tmp_path / "2.json") if e["label"] == "a"] != [
-        e["support_ids"] for e in _episodes(tmp_path / "2.json") if e["label"] == "b"
-    ]
+    # the label's column position does not matter either: c is column 2 of the pool, column 0 alone
+    d = load_probe_data(three_labels, val_fraction=0)
+    pids = np.concatenate([d.train.patients, d.val.patients])
+    ids = np.concatenate([d.train.ids, d.val.ids])
+    Y = np.concatenate([d.train.y, d.val.y])
+    for cols, names, j in (([2], ["c"], 0), ([0, 1, 2, 3], ["a", "b", "c", "rare"], 2)):
+        eps = sample_episodes(pids, Y[:, cols], shots=3, seeds=[2], labels=[j], label_names=names)
+        assert ids[eps[0].support].tolist() == c_alone[(3, 2)]["support_ids"]
 
 
 def test_the_mean_averages_one_named_label_set_at_every_shots(three_labels):
