@@ -1042,6 +1042,18 @@ def logreg(
 @click.option("--C", "C", default=1.0, show_default=True, type=float, help="logreg head regularisation.")
 @click.option("--k", "k", default=20, show_default=True, type=int, help="knn head neighbours.")
 @click.option(
+    "--sampling",
+    default="random",
+    show_default=True,
+    type=click.Choice(["random", "first-patients"]),
+    help="random: K positive + K negative patients per label and seed; first-patients: the "
+    "DINOv2-radiology protocol (first K patients per label, all their images, no seeds).",
+)
+@click.option(
+    "--mean-labels",
+    help="Labels the mean averages at every shots [default: those sampled at the largest shots].",
+)
+@click.option(
     "--episodes",
     "episodes_out",
     type=click.Path(dir_okay=False),
@@ -1054,16 +1066,15 @@ def logreg(
 )
 @_one_line_errors
 def fewshot(
-    cache, set_name, features, labels, uncertain, aggregate, out, shots, seeds, head, C, k, episodes_out,
-    episodes_from,
+    cache, set_name, features, labels, uncertain, aggregate, out, shots, seeds, head, C, k, sampling,
+    mean_labels, episodes_out, episodes_from,
 ) -> None:  # fmt: skip
     """Few-shot probe: K patients per side/class, many seeds, AUROC of every episode on the test split.
 
     Example: probes fewshot --cache cache/ --set nih/dinov3-vitb16/512 --shots 1..16 --seeds 10 --out results.jsonl
     """
-    import numpy as np
-
-    from probes.run import episodes_path, run_fewshot
+    from probes.episodes import episodes_path
+    from probes.fewshot_run import fewshot_notes, run_fewshot, summarize_fewshot
 
     if shots is None and episodes_from is None:
         raise click.ClickException(
@@ -1075,28 +1086,20 @@ def fewshot(
     rows = run_fewshot(
         cache, set_name, shots=shot_list, seeds=seeds, head=head, features=features,
         labels=_csv_list(labels) or None, uncertain=uncertain, C=C, k=k, out=out,
-        episodes_out=episodes_out, episodes_from=episodes_from, aggregate=aggregate,
+        episodes_out=episodes_out, episodes_from=episodes_from, aggregate=aggregate, sampling=sampling,
+        mean_labels=_csv_list(mean_labels) or None,
     )  # fmt: skip
-    _echo_header(rows, f"fewshot head={head}")
+    _echo_header(rows, f"fewshot head={head} sampling={sampling}")
     click.echo(f"{'shots':>5}  mean AUROC ± SD over seeds (seeds)")
-    for s in sorted({r["shots"] for r in rows}):
-        vals = [
-            r["value"]
-            for r in rows
-            if r["shots"] == s and r["label"] == "mean" and r["metric"] == "auroc" and r["value"] is not None
-        ]
-        sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
-        click.echo(f"{s:>5}  {np.mean(vals):.3f}{sd} ({len(vals)})" if vals else f"{s:>5}  n/a")
-    skipped = {
-        (r["label"], r["shots"]): r["params"]["skipped"] for r in rows if r.get("params", {}).get("skipped")
-    }
-    for (lab, s), why in sorted(skipped.items()):
-        click.echo(f"no result for {lab} at {s} shots: {why}")
-    left = next((r["params"].get("labels_not_at_every_shots") for r in rows if r["label"] == "mean"), None)
-    if left:
+    for s in summarize_fewshot(rows):
+        sd = f" ± {s['sd']:.3f}" if s["sd"] is not None else ""
         click.echo(
-            f"the mean over labels leaves out {', '.join(left)} at every shots, so shots are comparable"
+            f"{s['shots']:>5}  {s['mean']:.3f}{sd} ({s['n_seeds']})"
+            if s["mean"] is not None
+            else f"{s['shots']:>5}  n/a"
         )
+    for line in fewshot_notes(rows):
+        click.echo(f"note: {line}")
     saved = episodes_out or (episodes_path(out) if out and not episodes_from else None)
     if saved:
         click.echo(f"episodes saved to {saved}")

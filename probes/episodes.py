@@ -1,4 +1,8 @@
-"""Few-shot episodes on disk: saved by support row ids so others can re-run them on any backbone.
+"""Few-shot support sets: the DINOv2-radiology first-patients protocol, and episodes on disk.
+
+Episodes are saved by support row ids, so others can re-run them on any backbone's set of the
+same manifest. ``first_patient_episodes`` builds the deterministic support set of the
+DINOv2-radiology study (see its docstring for where we follow it and where not).
 
 This module does not import torch.
 """
@@ -44,6 +48,108 @@ def _eligible_patients(data: ProbeData) -> np.ndarray:
     return np.array(out)
 
 
+SAMPLINGS = ("random", "first-patients")
+
+
+def first_patient_episodes(
+    patient_ids: np.ndarray,
+    Y: np.ndarray,
+    shots: int,
+    task: str = "multilabel",
+    label_names: list[str] | None = None,
+) -> tuple[list[Episode], dict[str, int]]:
+    """The support set of the DINOv2-radiology few-shot protocol, as one episode per label.
+
+    Reproduces ``get_fewshot_in_nih`` of MohammedSB/DINOv2ForRadiology (``dinov2/data/utils.py``,
+    used by ``FewShotDatasetWrapper`` in ``dinov2/data/wrappers.py`` for ``eval/linear.py --shots``):
+
+    1. A patient "has" a label when every one of its images is positive for it (the intersection
+       of the label sets of its images). Here a missing (NaN) value is not positive, as a label
+       absent from a label set is not in the intersection.
+    2. Patients in patient-id order (their ``groupby("Patient ID")`` sorts the ids; so does
+       ``numpy.unique`` here), labels in sorted-name order (``MultiLabelBinarizer.classes_`` is
+       sorted).
+    3. For each label in turn: its first ``shots`` patients; a patient already taken for an earlier
+       label is skipped and not replaced (so a label can end with fewer than ``shots``).
+    4. All images of every taken patient (they concatenate the train and val datasets when no
+       val set is given; so is the support pool here). The union is kept in row order, theirs
+       grouped by label: the same images, and a fit does not depend on their order.
+    5. One multi-label head trained on that union. A multi-label logistic head with a separable
+       penalty is one binary problem per label, so each label's episode here is the whole union
+       with that label's image-level targets (rows where it is missing left out).
+
+    Where we do not follow them: no seeds (the protocol is deterministic; seed 0 is recorded);
+    our heads (logreg at C on centred L2-normalised features, kNN, prototype) instead of their
+    SGD-trained linear layer on concatenated CLS + pooled tokens with a learning-rate grid; we do
+    not add the full validation set back to the few-shot support before their final refit (the
+    ``shots == None or num_samples == None`` test in their ``linear.py`` does so whenever
+    ``--val-dataset`` is given); their non-NIH datasets take ``shots`` evenly spaced images
+    (``np.arange(0, n, n / shots)``), here every dataset gets the per-patient rule above;
+    "No Finding" is one of their classes, here only when it is a label column asked for.
+    Multi-class: the same rule with each image's class as its label set, giving one multi-class
+    episode.
+
+    The support depends on which labels are asked for (step 3), by construction of the protocol.
+
+    Args:
+        patient_ids: str [N] patient of each support-pool row.
+        Y: float32 [N, L] multi-label targets (1/0/NaN) or int64 [N] class indices (-1 missing).
+        shots: patients per label.
+        task: ``"multilabel"`` or ``"multiclass"``.
+        label_names: label / class names (default: the column indices as strings).
+
+    Returns:
+        (episodes, taken): multi-label: one binary episode per label whose union targets hold
+        both classes (``label`` its column, ``seed`` 0, support = the union rows knowing the label,
+        targets = their 0/1 values); multi-class: one episode. ``taken`` maps each label name to
+        the number of patients taken for it (at most ``shots``).
+
+    Raises:
+        FeatcacheError: multi-class when a class ends with no patient.
+    """
+    pids = np.asarray(patient_ids).astype(str)
+    if task == "multilabel":
+        n_labels = Y.shape[1]
+    else:
+        n_labels = len(label_names) if label_names is not None else int(Y.max()) + 1
+    names = [str(j) for j in range(n_labels)] if label_names is None else list(label_names)
+    _, pidx = np.unique(pids, return_inverse=True)
+    n_pat = int(pidx.max()) + 1 if len(pidx) else 0
+    images = np.bincount(pidx, minlength=n_pat)
+    if task == "multilabel":
+        positive = np.stack(
+            [np.bincount(pidx, weights=Y[:, j] == 1, minlength=n_pat) for j in range(n_labels)], axis=1
+        )
+    else:
+        positive = np.zeros((n_pat, n_labels))
+        known = Y >= 0
+        np.add.at(positive, (pidx[known], Y[known]), 1)
+    has = positive == images[:, None]  # every image of the patient carries the label
+    taken_by = np.full(n_pat, -1)
+    taken: dict[str, int] = {}
+    for j in sorted(range(n_labels), key=lambda c: names[c]):
+        first = np.flatnonzero(has[:, j])[:shots]
+        new = first[taken_by[first] < 0]
+        taken_by[new] = j
+        taken[names[j]] = int(new.size)
+    rows = np.flatnonzero(taken_by[pidx] >= 0)  # every image of the taken patients, in row order
+    if task != "multilabel":
+        empty = [names[c] for c in range(n_labels) if taken[names[c]] == 0]
+        if empty:
+            raise FeatcacheError(
+                f"first-patients sampling: no patient has only class {empty[0]!r} images; "
+                "drop the class (--labels) or use random sampling"
+            )
+        return [Episode(None, shots, 0, rows, Y[rows])], taken
+    episodes = []
+    for j in range(n_labels):
+        y = Y[rows, j]
+        keep = ~np.isnan(y)
+        if np.unique(y[keep]).size == 2:
+            episodes.append(Episode(j, shots, 0, rows[keep], y[keep].astype(np.int64)))
+    return episodes, taken
+
+
 _EPISODES_FORMAT = "featcache-episodes/1"
 
 
@@ -51,10 +157,11 @@ def _episode_key(e: dict) -> tuple:
     return (e["label"], int(e["shots"]), int(e["seed"]))
 
 
-def _episodes_run(data: ProbeData, episodes: list[Episode]) -> dict:
+def _episodes_run(data: ProbeData, episodes: list[Episode], sampling: str = "random") -> dict:
     """The JSON record of a set's episodes: support row ids, so they survive any re-extraction."""
     ids = data.train.ids
     return {
+        "sampling": sampling,
         "store_set": data.context.get("store_set"),
         "manifest_digest": data.context.get("manifest_digest"),
         "uncertain": data.context.get("uncertain"),
@@ -85,10 +192,12 @@ def _read_episodes_file(path: Path) -> dict:
     return doc
 
 
-def save_episodes(path: str | os.PathLike, data: ProbeData, episodes: list[Episode]) -> Path:
+def save_episodes(
+    path: str | os.PathLike, data: ProbeData, episodes: list[Episode], sampling: str = "random"
+) -> Path:
     """Merge a run's episodes into an episodes file (JSON), keeping those of other sets and settings.
 
-    The file holds one record per (set, manifest, uncertain policy, labels) with its episodes keyed
+    The file holds one record per (sampling, set, manifest, uncertain policy, labels) with its episodes keyed
     by (label, shots, seed); a new episode replaces the one with the same key, so several few-shot
     runs (other shots, seeds or sets) can share one file. Concurrent writers are serialised by a lock.
 
@@ -96,14 +205,15 @@ def save_episodes(path: str | os.PathLike, data: ProbeData, episodes: list[Episo
         path: the ``.episodes.json`` file (created with its folder if absent).
         data: the run's data (its ``train`` split is the support pool the episodes index).
         episodes: the episodes drawn.
+        sampling: ``"random"`` or ``"first-patients"`` (records written before it existed are random).
 
     Returns:
         The path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = _episodes_run(data, episodes)
-    same = ("store_set", "manifest_digest", "uncertain", "label_names")
+    record = _episodes_run(data, episodes, sampling)
+    same = ("sampling", "store_set", "manifest_digest", "uncertain", "label_names")
     with open(path, "a+", encoding="utf-8") as fh:
         if fcntl is not None:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -111,7 +221,7 @@ def save_episodes(path: str | os.PathLike, data: ProbeData, episodes: list[Episo
         text = fh.read()
         doc = _read_episodes_file(path) if text.strip() else {"format": _EPISODES_FORMAT, "runs": []}
         for run in doc["runs"]:
-            if all(run.get(k) == record[k] for k in same):
+            if all(run.get(k, "random" if k == "sampling" else None) == record[k] for k in same):
                 merged = {_episode_key(e): e for e in run["episodes"]}
                 merged.update({_episode_key(e): e for e in record["episodes"]})
                 run["episodes"] = list(merged.values())
@@ -124,7 +234,7 @@ def save_episodes(path: str | os.PathLike, data: ProbeData, episodes: list[Episo
     return path
 
 
-def load_episodes(path: str | os.PathLike, data: ProbeData) -> list[Episode]:
+def load_episodes(path: str | os.PathLike, data: ProbeData, sampling: str = "random") -> list[Episode]:
     """Read saved episodes and map their support ids onto ``data``'s support pool.
 
     Episodes depend only on the manifest (patients, labels, splits), so those drawn on one backbone's
@@ -134,6 +244,7 @@ def load_episodes(path: str | os.PathLike, data: ProbeData) -> list[Episode]:
     Args:
         path: the ``.episodes.json`` file.
         data: the loaded data; ``data.train`` is the support pool (train + val for few-shot).
+        sampling: read the episodes drawn with this sampling (``"random"`` or ``"first-patients"``).
 
     Returns:
         The episodes of ``data``'s labels, ``support`` indexing ``data.train``.
@@ -145,10 +256,17 @@ def load_episodes(path: str | os.PathLike, data: ProbeData) -> list[Episode]:
     path = Path(path)
     doc = _read_episodes_file(path)
     digest, set_name = data.context.get("manifest_digest"), data.context.get("store_set")
-    candidates = [r for r in doc["runs"] if r.get("manifest_digest") == digest and r.get("task") == data.task]
+    candidates = [
+        r
+        for r in doc["runs"]
+        if r.get("manifest_digest") == digest
+        and r.get("task") == data.task
+        and r.get("sampling", "random") == sampling
+    ]
     if not candidates:
         raise FeatcacheError(
-            f"{path}: no episodes drawn on the manifest of '{set_name}'; draw new ones (leave out --episodes-from)"
+            f"{path}: no {sampling} episodes drawn on the manifest of '{set_name}'; draw new ones "
+            "(leave out --episodes-from) or pass the --sampling they were drawn with"
         )
     run = next((r for r in candidates if r.get("store_set") == set_name), candidates[0])
     where = {rid: i for i, rid in enumerate(data.train.ids.tolist())}

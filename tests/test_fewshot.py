@@ -171,7 +171,8 @@ def test_knn_head_matches_brute_force_with_k_capped(features, k):
     A, B = _cl2n(Xtr, 0.0), _cl2n(Xte, 0.0)
     for i, e in enumerate(eps):
         ref = _vote(B @ A[e.support].T, e.targets, min(k, e.support.size), 0.07, 2)[:, 1]
-        np.testing.assert_allclose(S[i], ref, atol=1e-6)
+        # float32 cosines / 0.07 inside exp: a few 1e-6 of rounding against the float64 reference
+        np.testing.assert_allclose(S[i], ref, atol=5e-6)
     y = Ytr[:, 0].astype(np.int64) + Ytr[:, 1].astype(np.int64)
     eps = sample_episodes(pids, y, shots=3, seeds=2, task="multiclass")
     S = fewshot_scores(Xtr, eps, Xte, head="knn", k=k)
