@@ -25,7 +25,8 @@ Logistic regression: labels with both classes in train and val get their C chose
 with both classes in train but one in val use the C that is best on the mean val AUROC of the
 others (``params.C_from = "shared"``); a label with one class in train cannot be fitted and is
 reported with null values and ``params.skipped`` saying why. Few-shot: a label with fewer eligible
-patients than K in the support pool (train + val) is reported likewise for that K. Nothing is
+patients than K in the support pool (train + val) is reported likewise for that K, and the few-shot
+mean averages one fixed label set at every K, named in ``params.labels_in_mean``. Nothing is
 dropped silently.
 
 This module does not import torch.
@@ -41,15 +42,19 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .compare import run_compare
-from .episodes import episodes_path, load_episodes, save_episodes
+from .episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
 from .evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
-from .fewshot_run import run_fewshot
+from .fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
 from .fit import knn_scores, logreg_scores
 from .logreg import DEFAULT_C_GRID
 from .report_run import run_report
 
 __all__ = [
+    "SAMPLINGS",
+    "auroc_many",
     "episodes_path",
+    "fewshot_notes",
+    "first_patient_episodes",
     "load_episodes",
     "run_compare",
     "run_fewshot",
@@ -57,6 +62,7 @@ __all__ = [
     "run_logreg",
     "run_report",
     "save_episodes",
+    "summarize_fewshot",
 ]
 
 # ---- kNN ----

@@ -44,7 +44,7 @@ def test_same_file_in_train_and_test_is_refused_naming_both_rows(tmp_path):
 
 def test_duplicates_within_one_split_are_counted_in_the_provenance(tmp_path, capsys):
     paths = _films(tmp_path)
-    shutil.copyfile(tmp_path / "f1.png", tmp_path / "again.png")
+    shutil.copyfile(tmp_path / "f5.png", tmp_path / "again.png")  # both rows in test
     write_manifest(
         tmp_path / "m.csv",
         {"path": [*paths, "again.png"], "split": ["train"] * 5 + ["test"] * 2, "effusion": [1, 0] * 3 + [1]},
