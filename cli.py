@@ -1149,29 +1149,62 @@ def compare(
 
 @probes.command()
 @click.argument("results", type=click.Path(dir_okay=False))
-@click.option("--by", default="model,res", show_default=True, help="Fields naming a table line.")
+@click.option("--by", default="model,res", show_default=True, help="Fields naming a summary table line.")
 @click.option("--columns", default="dataset", show_default=True, help="Field whose values are the columns.")
-@click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "csv"]))
+@click.option(
+    "--table",
+    "table_kind",
+    default="summary",
+    show_default=True,
+    type=click.Choice(["summary", "per-label", "both"]),
+    help="summary: backbones x datasets; per-label: labels x backbones (the mean last).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="md",
+    show_default=True,
+    type=click.Choice(["md", "csv", "json"]),
+    help="md: formatted cells; csv / json (lines): one numeric record per cell (value, sd, ci_low, ci_high).",
+)
 @click.option(
     "--metric", default="auroc", show_default=True, help="Metric shown, e.g. auroc, sensitivity@youden."
 )
 @click.option("--label", default="mean", show_default=True, help="Label shown (mean: mean over labels).")
 @click.option("--where", multiple=True, help="Filter FIELD=VALUE (repeatable), e.g. --where k=20.")
+@click.option("--k", "k", type=int, help="Keep one kNN k (default: several k are a column group).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Few-shot curves PNG.")
 @click.option("--plot-resolution", type=click.Path(dir_okay=False), help="AUROC against resolution PNG.")
+@click.option("--plot-forest", type=click.Path(dir_okay=False), help="Per-label forest plot PNG (with CIs).")
+@click.option("--plot-compare", type=click.Path(dir_okay=False), help="Paired differences of compare PNG.")
+@click.option("--plot-k", type=click.Path(dir_okay=False), help="kNN: metric against k PNG.")
+@click.option("--html", type=click.Path(dir_okay=False), help="One self-contained HTML report.")
+@click.option(
+    "--parquet", type=click.Path(dir_okay=False), help="Numeric records as Parquet (pandas+pyarrow)."
+)
 @_one_line_errors
-def report(results, by, columns, fmt, metric, label, where, plot, plot_resolution) -> None:
-    """Paper tables (and plots) from a results file: one table per probe and setting.
+def report(
+    results, by, columns, table_kind, fmt, metric, label, where, k, plot, plot_resolution, plot_forest,
+    plot_compare, plot_k, html, parquet,
+) -> None:  # fmt: skip
+    """Paper tables (and plots, and an HTML report) from a results file.
 
-    Example: probes report results.jsonl --by model,res --columns dataset --plot fewshot.png
+    Re-runs of the same result are dropped (the newest kept, said once on stderr).
+
+    Example: probes report results.jsonl --table both --html report.html
     """
     from probes.run import run_report
 
+    notes: list[str] = []
     text = run_report(
         results, by=_csv_list(by), columns=columns, fmt=fmt, metric=metric, label=label,
-        where=list(where), plot=plot, plot_resolution=plot_resolution,
+        where=list(where), table=table_kind, k=k, plot=plot, plot_resolution=plot_resolution,
+        plot_forest=plot_forest, plot_compare=plot_compare, plot_k=plot_k, html=html, parquet=parquet,
+        notes=notes,
     )  # fmt: skip
     click.echo(text.rstrip("\n"))
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

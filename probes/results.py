@@ -68,9 +68,13 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "REQUIRED_FIELDS",
     "RESULT_FIELDS",
+    "OUTCOME_PARAMS",
+    "RESULT_KEY_FIELDS",
     "append_jsonl",
+    "drop_duplicates",
     "make_rows",
     "read_jsonl",
+    "result_key",
     "validate_row",
 ]
 
@@ -277,3 +281,109 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 )
             rows.append(row)
     return rows
+
+
+# ``params`` entries that describe what a run found or where it wrote, not what it was asked to do:
+# a re-run of the same setting may differ in them and is still the same result.
+OUTCOME_PARAMS = frozenset(
+    {
+        "skipped",  # why a value is null
+        "ci",  # why a CI is missing
+        "filled",  # test rows scored with the prevalence
+        "threshold",  # threshold chosen on held-out scores
+        "threshold_from",
+        "fit_rows",  # rows the probe was fitted on (follows from the store's splits)
+        "val_carved",
+        "C_from",  # where a C came from (given, val, shared)
+        "labels_in_mean",
+        "auroc_a",
+        "auroc_b",
+        "p_bootstrap",
+        "p_delong",
+        "episodes_file",
+        "extracted_with",  # version that wrote the features: store provenance is in the key
+        "n_slices",
+        "scored_at",
+    }
+)
+
+# Row fields of the key, besides ``params``; ``C`` only when it was given, not selected on val.
+_KEY_FIELDS = (
+    "store_set",
+    "manifest_digest",
+    "dataset",
+    "model",
+    "res",
+    "features",
+    "layer",
+    "probe",
+    "k",
+    "head",
+    "shots",
+    "seed",
+    "vs",
+    "label",
+    "metric",
+)
+
+
+RESULT_KEY_FIELDS: tuple[str, ...] = (*_KEY_FIELDS, "params")
+
+
+def result_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The identity of a result: two rows with the same key are the same number, computed twice.
+
+    The key is the store provenance (``store_set``, ``manifest_digest``), the backbone and features
+    (``dataset, model, res, features, layer``), the probe and its settings (``probe, k, head,
+    shots, seed, vs``, ``C`` when it was given rather than selected on validation, and every
+    ``params`` entry except :data:`OUTCOME_PARAMS`, e.g. ``C_grid``, ``temperature``,
+    ``uncertain``), and what was measured (``label, metric``). A field a row lacks counts as absent.
+
+    Args:
+        row: one result row.
+
+    Returns:
+        A tuple of JSON strings (hashable, comparable), one per key field, ``params`` last.
+    """
+    params = row.get("params") or {}
+    setting = {k: v for k, v in params.items() if k not in OUTCOME_PARAMS}
+    if params.get("C_from") in (None, "given") and "C_grid" not in params:
+        setting["C"] = row.get("C")  # a given C is a setting; a selected one is an outcome
+    return (
+        *(json.dumps(row.get(f), sort_keys=True) for f in _KEY_FIELDS),
+        json.dumps(setting, sort_keys=True),
+    )
+
+
+def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether ``b`` (read after ``a``) replaces ``a``: file order, unless timestamps say otherwise."""
+    ta, tb = a.get("timestamp"), b.get("timestamp")
+    if isinstance(ta, str) and isinstance(tb, str):
+        try:
+            return _dt.datetime.fromisoformat(tb) >= _dt.datetime.fromisoformat(ta)
+        except (ValueError, TypeError):  # unparsable, or naive against aware
+            pass
+    return True
+
+
+def drop_duplicates(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict], int]:
+    """Keep the newest row of every :func:`result_key`: a re-run replaces the run it repeats.
+
+    Rows are appended in time order, so the row read last wins; when both rows carry a
+    ``timestamp`` (ISO 8601) the later timestamp wins (a tie goes to the row read last).
+
+    Args:
+        rows: result rows in file order.
+
+    Returns:
+        ``(kept, n_dropped)``: the kept rows, in the order of their first key's appearance, and how
+        many older rows were dropped.
+    """
+    kept: dict[tuple, dict] = {}
+    n = 0
+    for r in rows:
+        n += 1
+        key = result_key(r)
+        if key not in kept or _newer(kept[key], r):
+            kept[key] = dict(r)
+    return list(kept.values()), n - len(kept)

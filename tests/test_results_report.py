@@ -251,3 +251,210 @@ def test_curves_never_join_two_datasets():
     series, _ = R._series(rows, "res", ("model",), "auroc", "mean", None, None)
     assert sorted(series) == [("a", "nih"), ("a", "pmn")]
     assert all(len(points) == 1 for points in series.values())
+
+
+# --- result key and re-runs -------------------------------------------------------------------
+
+PROV = {"store_set": "nih/dinov3-vitb16/512", "manifest_digest": "abc123"}
+
+
+def test_result_key_separates_settings_not_outcomes():
+    from probes.results import result_key
+
+    base = _row(**PROV, value=0.8, seed=0, params={"uncertain": "ignore", "temperature": 0.07})
+    same = [
+        {**base, "value": 0.81, "timestamp": "2026-01-02T00:00:00+00:00"},  # a re-run
+        {**base, "params": {**base["params"], "threshold": 0.4, "ci": "no CI", "labels_in_mean": ["a"]}},
+        {**base, "C": 0.5, "params": {**base["params"], "C_from": "val", "C_grid": [0.1, 1.0]}},
+    ]
+    same.append({**same[2], "C": 2.0})  # a C selected on val is an outcome: same result
+    differ = [
+        {**base, "seed": 1},
+        {**base, "k": 20},
+        {**base, "store_set": "nih/dinov3-vitb16/224"},
+        {**base, "manifest_digest": "def456"},
+        {**base, "params": {**base["params"], "temperature": 0.1}},
+        {**base, "C": 0.5},  # a given C is a setting
+        {**base, "label": "Effusion"},
+        {**base, "metric": "f1"},
+    ]
+    assert result_key(same[0]) == result_key(base) == result_key(same[1])
+    assert result_key(same[2]) == result_key(same[3]) != result_key(base)  # C_grid is a setting
+    keys = [result_key(r) for r in [base, *differ]]
+    assert len(set(keys)) == len(keys)
+
+
+def test_drop_duplicates_keeps_the_newest():
+    from probes.results import drop_duplicates
+
+    old = _row(value=0.70, seed=0, timestamp="2026-01-01T10:00:00+00:00")
+    new = _row(value=0.72, seed=0, timestamp="2026-01-01T11:00:00+00:00")
+    other = _row(value=0.9, seed=1)
+    kept, dropped = drop_duplicates([old, other, new])
+    assert dropped == 1 and [r["value"] for r in kept] == [0.72, 0.9]
+    # a row appended later that says it is older does not replace the newer one
+    kept, dropped = drop_duplicates([new, old])
+    assert dropped == 1 and [r["value"] for r in kept] == [0.72]
+    # without timestamps the row read last wins
+    assert drop_duplicates([_row(value=0.1), _row(value=0.2)])[0][0]["value"] == 0.2
+
+
+def test_rerun_keeps_the_ci_and_seeds_still_average(tmp_path):
+    from probes.run import run_report
+
+    run = _row(**PROV, value=0.517, ci_low=0.409, ci_high=0.630, seed=0, label="mean")
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, [{**run, "timestamp": "2026-01-01T10:00:00+00:00"}])
+    append_jsonl(path, [{**run, "timestamp": "2026-01-02T10:00:00+00:00"}])  # the same run again
+    notes = []
+    text = run_report(path, notes=notes)
+    assert "0.517 [0.409, 0.630]" in text and "±" not in text
+    assert notes == [next(n for n in notes if n.startswith("dropped 1 duplicate row:"))]
+    append_jsonl(path, [{**run, "seed": 1, "value": 0.537}])  # a distinct seed: mean ± SD
+    text = run_report(path)
+    assert "0.527 ± 0.014" in text and text.count("dropped 1 duplicate row") == 1
+
+
+# --- per-label tables and numeric records ------------------------------------------------------
+
+
+def _label_rows():
+    rows = []
+    auc = {  # (model, res) -> label -> AUROC; CIs value ± 0.05
+        ("dinov3-vitb16", 224): {"Effusion": 0.80, "Nodule": 0.70},
+        ("dinov3-vitb16", 512): {"Effusion": 0.85, "Nodule": 0.75},
+        ("rad-dino", 518): {"Effusion": 0.88, "Nodule": 0.72},
+    }
+    for (model, res), by_label in auc.items():
+        mean = float(np.mean(list(by_label.values())))
+        # the mean row comes first in the file: it must still be the last line of the table
+        for lab, v in [("mean", mean), *by_label.items()]:
+            rows.append(
+                _row(
+                    model=model, res=res, label=lab, value=v, ci_low=v - 0.05, ci_high=v + 0.05, seed=0,
+                    params={"labels_in_mean": ["Effusion", "Nodule"]} if lab == "mean" else {},
+                )
+            )  # fmt: skip
+    return rows
+
+
+def test_per_label_table_labels_by_backbones_mean_last():
+    tab = R.per_label_table(_label_rows())
+    assert tab == [
+        ["label", "dinov3-vitb16/224", "dinov3-vitb16/512", "rad-dino/518"],
+        ["Effusion", "0.800 [0.750, 0.850]", "0.850 [0.800, 0.900]", "0.880 [0.830, 0.930]"],
+        ["Nodule", "0.700 [0.650, 0.750]", "0.750 [0.700, 0.800]", "0.720 [0.670, 0.770]"],
+        ["mean", "0.750 [0.700, 0.800]", "0.800 [0.750, 0.850]", "0.800 [0.750, 0.850]"],
+    ]
+    one_res = [r for r in _label_rows() if r["res"] == 512]
+    assert R.per_label_table(one_res)[0] == ["label", "dinov3-vitb16"]  # res named only when several
+
+
+def test_csv_records_are_numeric_one_row_per_cell(tmp_path):
+    from probes.run import run_report
+
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, _label_rows())
+    got = list(csv.DictReader(io.StringIO(run_report(path, table="per-label", fmt="csv"))))
+    assert len(got) == 9 and not any("[" in v for r in got for v in r.values())
+    for src in _label_rows():
+        rec = next(
+            r
+            for r in got
+            if (r["model"], int(r["res"]), r["label"]) == (src["model"], src["res"], src["label"])
+        )
+        assert float(rec["value"]) == pytest.approx(src["value"])
+        assert float(rec["ci_low"]) == pytest.approx(src["ci_low"]) and float(
+            rec["ci_high"]
+        ) == pytest.approx(src["ci_high"])
+        assert rec["n_seeds"] == "1" and rec["sd"] == ""
+    lines = run_report(path, table="summary", fmt="json").splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert {(r["model"], r["res"]): r["value"] for r in recs} == {
+        ("dinov3-vitb16", 224): pytest.approx(0.75),
+        ("dinov3-vitb16", 512): pytest.approx(0.80),
+        ("rad-dino", 518): pytest.approx(0.80),
+    }
+
+
+def test_knn_k_is_one_table_with_a_column_per_k(tmp_path):
+    from probes.run import run_report
+
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, [_row(probe="knn", k=k, value=v, seed=0) for k, v in [(10, 0.7), (20, 0.72)]])
+    text = run_report(path)
+    assert text.count("## knn") == 1 and "| model | res | nih k=10 | nih k=20 |" in text
+    assert "| dinov3-vitb16 | 512 | 0.700 | 0.720 |" in text
+    picked = run_report(path, k=20)
+    assert "## knn features=cls k=20" in picked and "0.700" not in picked
+
+
+# --- new plots --------------------------------------------------------------------------------
+
+
+def _png_pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()  # a well-formed PNG
+    with Image.open(path) as im:
+        px = np.asarray(im.convert("RGB"), dtype=float)
+    return px
+
+
+def _assert_real_plot(path):
+    px = _png_pixels(path)
+    assert px.shape[1] == 960 and px.shape[0] >= 300
+    assert px.std() > 10  # not a blank canvas
+    # lines and markers in colour, not only black text on white
+    colourful = (px.max(axis=2) - px.min(axis=2)) > 60
+    assert colourful.mean() > 0.001
+
+
+def test_forest_compare_and_k_plots_are_real_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    _assert_real_plot(R.plot_forest(_label_rows(), tmp_path / "forest.png"))
+    diffs = [
+        _row(probe="compare", metric="auroc_diff", vs="nih/rad-dino/518", store_set="nih/dinov3-vitb16/512",
+             label=lab, value=v, ci_low=v - 0.04, ci_high=v + 0.04, p=0.2)
+        for lab, v in [("Effusion", -0.03), ("Nodule", 0.03), ("mean", 0.0)]
+    ]  # fmt: skip
+    _assert_real_plot(R.plot_compare(diffs, tmp_path / "deep" / "compare.png"))
+    knn = [
+        _row(probe="knn", model=m, k=k, value=v + 0.001 * k, ci_low=v - 0.03, ci_high=v + 0.05)
+        for m, v in [("a", 0.7), ("b", 0.75)]
+        for k in (10, 20, 50, 100, 200)
+    ]
+    _assert_real_plot(R.plot_k([*knn, _row(value=0.9)], tmp_path / "k.png"))  # the logreg row is left out
+    with pytest.raises(FeatcacheError, match="no result rows with metric='auroc_diff'"):
+        R.plot_compare(knn, tmp_path / "none.png")
+
+
+def test_tick_labels_thinned_so_they_never_overlap():
+    # log2 axis 1..16: the labels from 9 to 15 crowd; hand-checked gaps of >= 7% of log2(16) = 0.28
+    keep = R.thin_ticks(list(range(1, 17)), log=True)
+    kept = [x for x, k in zip(range(1, 17), keep) if k]
+    assert kept[:4] == [1, 2, 3, 4] and kept[-1] == 16
+    assert all(np.log2(b) - np.log2(a) >= 0.07 * 4 - 1e-9 for a, b in zip(kept, kept[1:]))
+    assert R.thin_ticks([1, 2, 4, 8, 16], log=True) == [True] * 5  # evenly spaced: all kept
+
+
+def test_fewshot_plot_ticks_readable_and_title_names_the_mean(tmp_path):
+    pytest.importorskip("matplotlib")
+    from probes import plots
+
+    rows = [
+        _row(probe="fewshot", head="logreg", shots=s, seed=seed, value=0.6 + 0.01 * s + 0.01 * seed,
+             params={"labels_in_mean": ["Effusion", "Nodule"]})
+        for s in range(1, 17)
+        for seed in range(2)
+    ]  # fmt: skip
+    series, runs = plots.series(rows, "shots", ("model",), "auroc", "mean", None, None)
+    fig = plots._curves(series, "K", "AUROC", "t" + plots._mean_note(runs, "mean"), True, True)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("mean over Effusion, Nodule")
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(boxes) >= 5
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))  # left to right, none overlapping
+    _assert_real_plot(R.plot_fewshot(rows, tmp_path / "few.png"))
