@@ -31,14 +31,23 @@ def demo_probes(out: str | Path, set_name: str):
     run_fewshot(cache, set_name, shots=[1, 2, 4, 8], seeds=5, out=results)
     yield f"probes:   kNN, logistic regression, few-shot 1..8 shots x 5 seeds -> {results} ({len(read_jsonl(results))} rows)"
     try:
-        md = run_report(results, by=("model", "res"), columns="dataset", plot=out / "fewshot.png")
-        plot_line = f"plot:     {out / 'fewshot.png'}"
+        md = run_report(
+            results,
+            by=("model", "res"),
+            columns="dataset",
+            plot=out / "fewshot.png",
+            html=out / "report.html",
+        )
+        plot_lines = [
+            f"plot:     {out / 'fewshot.png'}",
+            f"html:     {out / 'report.html'} (open it in a browser)",
+        ]
     except ImportError as e:  # matplotlib is an optional extra
         md = run_report(results, by=("model", "res"), columns="dataset")
-        plot_line = f"plot:     skipped ({e})"
+        plot_lines = [f"plot:     skipped ({e})"]
     (out / "report.md").write_text(md)
     yield f"report:   {out / 'report.md'}"
-    yield plot_line
+    yield from plot_lines
     yield ""
     yield md.rstrip()
     yield ""

@@ -48,3 +48,5 @@ def test_demo_command_end_to_end(tmp_path):
     ]
     assert len(means) == 1 and 0.0 <= means[0] <= 1.0
     assert (tmp_path / "report.md").read_text().startswith("## ")
+    html = (tmp_path / "report.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html") and "data:image/png;base64," in html

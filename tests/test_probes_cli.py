@@ -195,7 +195,12 @@ def test_report_markdown_csv_and_plot(store, tmp_path):
     )
     assert "| model | res | shots=1 | shots=2 |" in result.output
     csv_out = _run("report", out, "--format", "csv", "--where", "probe=logreg")
-    assert csv_out.exit_code == 0 and "model,res,toy" in csv_out.output and "shots=1" not in csv_out.output
+    assert (
+        csv_out.exit_code == 0
+        and "model,res,dataset,value,sd,ci_low,ci_high,n_seeds" in csv_out.output
+        and ",toy," in csv_out.output
+        and "shots=1" not in csv_out.output
+    )
     png = tmp_path / "few.png"
     plotted = _run("report", out, "--where", "probe=fewshot", "--plot", png)
     assert plotted.exit_code == 0, plotted.output
