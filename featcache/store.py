@@ -27,7 +27,6 @@ float16 gains little. This module does not import torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -39,14 +38,17 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
+from featcache import store_io
 from featcache.errors import StoreError
+from featcache.locks import extraction_lock, file_lock  # noqa: F401  (extraction_lock re-exported)
 from featcache.manifest import Manifest
+from featcache.store_io import check_set_name, damaged, write_errors
 
 PENDING, OK, FAILED = 0, 1, 2
 SET_MARKER = "featcache_set"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c checksums on every chunk; 1 (no checksums) is still read
 _LARGE_ARRAYS = ("patch", "registers")
 _TARGET_SHARD_BYTES = 256 * 2**20
 
@@ -121,11 +123,13 @@ class FeatureStore:
         return _local_path(self.url) if _is_local(self.url) else None
 
     def list_sets(self) -> list[str]:
-        """Names of the feature sets in the store, sorted."""
+        """Names of the feature sets in the store, sorted (sets still being built are not listed)."""
         found: list[str] = []
 
         def walk(group: zarr.Group, prefix: str) -> None:
             for name, sub in group.groups():
+                if name.startswith("."):  # a set being built (TMP_PREFIX), never a set name
+                    continue
                 path = f"{prefix}{name}"
                 if sub.attrs.get(SET_MARKER):
                     found.append(path)
@@ -140,12 +144,14 @@ class FeatureStore:
     def has_set(self, name: str) -> bool:
         """Whether a feature set of that name exists."""
         try:
-            return bool(self.root[name].attrs.get(SET_MARKER))
-        except KeyError:
+            return bool(self.root[check_set_name(name, self.url)].attrs.get(SET_MARKER))
+        except (KeyError, StoreError):
             return False
 
     def open_set(self, name: str | None = None) -> FeatureSet:
         """Open a feature set; ``name`` may be omitted when the store holds exactly one.
+
+        Opening checks nothing beyond existence; readers of numbers use ``open_checked``.
 
         Raises:
             StoreError: the set does not exist (the message lists those that do).
@@ -161,10 +167,39 @@ class FeatureStore:
                     f"{self.url}: the store holds {len(sets)} feature sets {sets}; choose one with --set"
                 )
             name = sets[0]
-        name = name.strip("/")
+        name = check_set_name(name, self.url)
         if name not in sets:
+            base = self.local_path
+            if base is not None and (base / name).is_dir() and not (base / name / "zarr.json").is_file():
+                raise StoreError(
+                    f"{base / name / 'zarr.json'}: the feature set's metadata file is missing; the set is "
+                    f"damaged: delete {base / name} and re-run `featcache extract`"
+                )
             raise StoreError(f"{self.url}: no feature set '{name}'; sets here: {sets or 'none'}")
         return FeatureSet(self, name, self.root[name])
+
+    def open_checked(self, name: str | None = None, *, allow_partial: bool = False) -> FeatureSet:
+        """Open a set for reading numbers from it, refusing one that cannot be trusted.
+
+        Refuses (one-line ``StoreError`` naming the fix) unless: the format version is known, no
+        manifest replacement is under way, the attributes are unedited (``attrs_digest``) and agree
+        with the arrays (``n``, ``arrays``), the manifest digest recomputed from the stored ids,
+        paths, patients, splits, labels and label names matches the recorded one, every status is
+        0/1/2, and no row is pending (unless ``allow_partial``). Feature reads then check each
+        chunk's checksum themselves (``FeatureSet.read``).
+
+        Args:
+            name: the set (None: the only one).
+            allow_partial: accept pending rows; their count is in ``fs.usable["pending"]``.
+
+        Returns:
+            The ``FeatureSet``, with ``usable = {"n", "ok", "failed", "pending"}`` row counts.
+        """
+        from featcache.store_check import check_usable
+
+        fs = self.open_set(name)
+        fs.usable = check_usable(fs, allow_partial=allow_partial)
+        return fs
 
     def create_set(
         self,
@@ -176,6 +211,13 @@ class FeatureStore:
     ) -> FeatureSet:
         """Create a feature set, or open it when one with the same manifest and settings exists.
 
+        On a local store the whole set (group, arrays, columns, attributes) is built in a private
+        sibling folder and renamed into place in one step: a kill at any instant leaves either no
+        set or a complete one, and of several workers creating it at once, one rename wins and the
+        others open that set (after the same compatibility check). On a remote (fsspec) store,
+        which has no atomic rename, the set is written in place with its marker attribute last:
+        start one worker first there (see docs/RELIABILITY.md).
+
         Args:
             name: set name, e.g. ``nih/dinov3-vitb16/512``.
             manifest: the validated manifest; its columns are copied into the set.
@@ -183,66 +225,119 @@ class FeatureStore:
             attrs: provenance attributes. The keys in ``attrs["config"]`` are the settings that
                 define the set's content (model, weights, resolution, preprocessing, tokens...);
                 reopening with different ones is refused.
-            shard_rows: rows per shard (default: ``default_shard_rows(arrays)``; at most N).
+            shard_rows: rows per shard (default: ``default_shard_rows(arrays)``; at most N). Asking
+                for another value than an existing set's is refused.
 
         Returns:
             The (new or existing) ``FeatureSet``.
 
         Raises:
-            StoreError: a set of that name exists with another manifest or other settings.
+            StoreError: a bad name, or a set of that name exists with another manifest, other
+                settings or another shard size; a full disk or read-only file system.
         """
         if self.mode != "a":
             raise StoreError(f"{self.url}: store opened read-only")
-        name = name.strip("/")
+        name = check_set_name(name, self.url)
         config = attrs.get("config", {})
-        if self.has_set(name):
-            fs = self.open_set(name)
-            fs._check_compatible(manifest, config, arrays)
-            return fs
-        n = len(manifest)
-        shard_rows = int(shard_rows or default_shard_rows(arrays))
-        if shard_rows <= 0:
+        if shard_rows is not None and int(shard_rows) <= 0:
             raise StoreError("shard rows must be positive")
-        shard_rows = min(shard_rows, max(1, n))  # edge chunks are stored full size: no padding past N
+        if self.has_set(name):
+            return self._open_compatible(name, manifest, config, arrays, shard_rows)
+        n = len(manifest)
+        rows = min(int(shard_rows or default_shard_rows(arrays)), max(1, n))  # edge chunks are full size
+        full_attrs = _set_attrs(attrs, manifest, arrays, n, rows)
+        with write_errors(f"{self.url}: creating feature set '{name}'"):
+            base = self.local_path
+            if base is None:
+                return self._create_in_place(name, manifest, arrays, full_attrs, rows, shard_rows)
+            store_io.ensure_groups(base, name.split("/")[:-1])
+            final = base / name
+            if final.is_dir() and any(final.iterdir()):
+                raise StoreError(
+                    f"{final}: a folder that is not a complete feature set is in the way (left by an older "
+                    f"featcache killed while creating it?); delete {final} and re-run"
+                )
+            tmp = store_io.new_tmp_folder(final)
+            try:
+                g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+                _build_set(g, manifest, arrays, full_attrs, rows)
+                store_io.publish(tmp, final)
+            finally:
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return self._open_compatible(name, manifest, config, arrays, shard_rows)
+
+    def _open_compatible(self, name, manifest, config, arrays, shard_rows) -> FeatureSet:
+        fs = self.open_set(name)
+        fs._check_compatible(manifest, config, arrays, shard_rows)
+        return fs
+
+    def _create_in_place(self, name, manifest, arrays, full_attrs, rows, shard_rows) -> FeatureSet:
         try:
             g = self.root.create_group(name)
         except Exception:  # another worker created it first: wait until it is ready, then check it
-            return self._wait_for_set(name, manifest, config, arrays)
-        _write_column(g, "ids", manifest.ids)
-        _write_column(g, "paths", manifest.paths)
-        _write_manifest_columns(g, manifest)
-        for key, spec in arrays.items():
-            _create_feature_array(g, key, n, spec, shard_rows)
-        g.create_array("status", shape=(n,), dtype="uint8", chunks=(shard_rows,), fill_value=PENDING)
-        g.create_array("failure", shape=(n,), dtype=str, chunks=(shard_rows,))
-        now = _now()
-        g.attrs.update(
-            {
-                **attrs,
-                "n": n,
-                "shard_rows": shard_rows,
-                "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in arrays.items()},
-                **_manifest_attrs(manifest),
-                "rows_digest": manifest.rows_digest(),
-                "columns_digest": manifest.columns_digest(),
-                "created": now,
-                "format_version": FORMAT_VERSION,
-                SET_MARKER: True,  # last: a set is visible only once complete
-            }
-        )
+            return self._wait_for_set(name, manifest, full_attrs.get("config", {}), arrays, shard_rows)
+        _build_set(g, manifest, arrays, full_attrs, rows)
         return FeatureSet(self, name, g)
 
-    def _wait_for_set(self, name, manifest, config, arrays, timeout: float = 120.0) -> FeatureSet:
+    def _wait_for_set(self, name, manifest, config, arrays, shard_rows, timeout: float = 120.0) -> FeatureSet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.has_set(name):
-                fs = self.open_set(name)
-                fs._check_compatible(manifest, config, arrays)
-                return fs
+                return self._open_compatible(name, manifest, config, arrays, shard_rows)
             time.sleep(0.5)
         raise StoreError(
-            f"{self.url}: feature set '{name}' exists but is incomplete; delete {name} and re-run"
+            f"{self.url}: feature set '{name}' exists but is incomplete (its creation on this remote store "
+            f"was interrupted); delete {name} and re-run"
         )
+
+
+def _set_attrs(attrs, manifest: Manifest, arrays: dict[str, ArraySpec], n: int, rows: int) -> dict[str, Any]:
+    from featcache.store_check import attrs_digest
+
+    full = {
+        **attrs,
+        "n": n,
+        "shard_rows": rows,
+        "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in arrays.items()},
+        **_manifest_attrs(manifest),
+        "rows_digest": manifest.rows_digest(),
+        "created": _now(),
+        "format_version": FORMAT_VERSION,
+    }
+    full = _jsonable(full)
+    full["attrs_digest"] = attrs_digest(full)
+    full[SET_MARKER] = True
+    return full
+
+
+def _build_set(
+    g: zarr.Group, manifest: Manifest, arrays: dict[str, ArraySpec], attrs: dict, rows: int
+) -> None:
+    """Write a whole set into the (new, empty) group ``g``; the marker attribute is written last."""
+    n = len(manifest)
+    store_io.fault_point("create:columns")
+    _write_column(g, "ids", manifest.ids)
+    _write_column(g, "paths", manifest.paths)
+    _write_manifest_columns(g, manifest)
+    for key, spec in arrays.items():
+        store_io.fault_point(f"create:{key}")
+        _create_feature_array(g, key, n, spec, rows)
+    store_io.fault_point("create:status")
+    g.create_array(
+        "status", shape=(n,), dtype="uint8", chunks=(rows,), fill_value=PENDING, compressors=_crc()
+    )
+    g.create_array("failure", shape=(n,), dtype=str, chunks=(rows,), compressors=_crc())
+    store_io.fault_point("create:attrs")
+    g.attrs.update({k: v for k, v in attrs.items() if k != SET_MARKER})
+    store_io.fault_point("create:marker")
+    g.attrs.update({SET_MARKER: True})  # last: a set is visible only once complete
+
+
+def _crc() -> list:
+    return [Crc32cCodec()]
 
 
 def _now() -> str:
@@ -251,8 +346,13 @@ def _now() -> str:
 
 def _write_column(g: zarr.Group, key: str, values: np.ndarray) -> None:
     a = g.create_array(
-        key, shape=values.shape, dtype=str, chunks=(max(1, min(len(values), 65536)),), overwrite=True
-    )
+        key,
+        shape=values.shape,
+        dtype=str,
+        chunks=(max(1, min(len(values), 65536)),),
+        overwrite=True,
+        compressors=_crc(),
+    ).with_config({"write_empty_chunks": True})
     if len(values):
         a[:] = values.astype(str)
 
@@ -273,8 +373,12 @@ def _write_manifest_columns(g: zarr.Group, manifest: Manifest) -> None:
         _write_column(g, "classes", manifest.classes)
     if manifest.label_names:
         a = g.create_array(
-            "labels", shape=manifest.labels.shape, dtype="float32", chunks=manifest.labels.shape
-        )
+            "labels",
+            shape=manifest.labels.shape,
+            dtype="float32",
+            chunks=manifest.labels.shape,
+            compressors=_crc(),
+        ).with_config({"write_empty_chunks": True})
         a[:] = manifest.labels
     for key, values in manifest.meta.items():
         _write_column(g, f"meta/{key[len('meta_') :]}", values)
@@ -298,7 +402,10 @@ def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shar
     shape = (n, *spec.shape)
     # float16 tokens: lossless Blosc-zstd + bit-shuffle (about 1.3-1.5x when the model ran in bf16);
     # float32 CLS/pooled: uncompressed, since zstd gains under 1.1x there and costs most of the read time.
-    compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle") if spec.dtype == "float16" else None
+    # every chunk ends with its crc32c, so a flipped byte fails the read instead of reaching a probe
+    compressor = [Crc32cCodec()]
+    if spec.dtype == "float16":
+        compressor.insert(0, BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
     if key in _LARGE_ARRAYS or spec.row_bytes >= 2**18:
         g.create_array(
             key,
@@ -335,9 +442,20 @@ class FeatureSet:
         self.name = name
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self.n = int(self.attrs["n"])
-        self.shard_rows = int(self.attrs["shard_rows"])
+        try:
+            self.n = int(self.attrs["n"])
+            self.shard_rows = int(self.attrs["shard_rows"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"{store.url}: feature set '{name}' has no valid 'n'/'shard_rows' attributes (zarr.json edited "
+                "or damaged); delete the set and re-run `featcache extract`"
+            ) from None
+        if self.n < 0 or self.shard_rows < 1:
+            raise StoreError(
+                f"{store.url}: feature set '{name}' has n={self.n}, shard_rows={self.shard_rows}; re-extract it"
+            )
         self._cache: dict[str, np.ndarray] = {}
+        self.usable: dict[str, int] | None = None  # row counts, set by FeatureStore.open_checked
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.store.url!r}, {self.name!r}, n={self.n})"
@@ -346,8 +464,25 @@ class FeatureSet:
 
     def _column(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = _unicode(self.group[key][:])
+            self._cache[key] = _unicode(self.read_column_checked(key))
         return self._cache[key]
+
+    def read_column_checked(self, key: str) -> np.ndarray:
+        """A whole manifest column (or ``labels``), raising a one-line StoreError if it is missing or damaged."""
+        where = f"{self.store.url}: feature set '{self.name}'"
+        try:
+            a = self.group[key]
+        except KeyError:
+            raise StoreError(
+                f"{where}: column '{key}' is missing; delete the set and re-run `featcache extract`"
+            ) from None
+        try:
+            return a[:]
+        except Exception as e:  # checksum mismatch, truncated or undecodable chunk
+            raise StoreError(
+                f"{where}: column '{key}' is damaged ({_reason(e)}); re-run `featcache extract` with the "
+                "manifest (patients, splits, labels are rewritten) or delete the set (ids, paths)"
+            ) from None
 
     @property
     def ids(self) -> np.ndarray:
@@ -389,7 +524,7 @@ class FeatureSet:
         """float32 [N, L]: 1 / 0 / -1 (uncertain) raw, NaN missing."""
         if "labels" not in self.group:
             return np.zeros((self.n, 0), np.float32)
-        return np.asarray(self.group["labels"][:], dtype=np.float32)
+        return np.asarray(self.read_column_checked("labels"), dtype=np.float32)
 
     @property
     def classes(self) -> np.ndarray | None:
@@ -438,8 +573,12 @@ class FeatureSet:
 
     @property
     def status(self) -> np.ndarray:
-        """uint8 [N]: 0 pending, 1 ok, 2 failed."""
-        return np.asarray(self.group["status"][:])
+        """uint8 [N]: 0 pending, 1 ok, 2 failed (other values mean damage: ``verify`` reports them)."""
+        out = np.empty(self.n, np.uint8)
+        for s in range(self.n_shards):
+            lo, hi = self.shard_range(s)
+            out[lo:hi] = self.read_shard_checked("status", s)
+        return out
 
     @property
     def ok(self) -> np.ndarray:
@@ -451,7 +590,7 @@ class FeatureSet:
         idx = np.flatnonzero(self.status == FAILED)
         if not len(idx):
             return []
-        reasons = _unicode(self.group["failure"][:])
+        reasons = _unicode(self.read("failure"))
         ids = self.ids
         return [{"index": int(i), "id": str(ids[i]), "reason": str(reasons[i])} for i in idx]
 
@@ -468,12 +607,12 @@ class FeatureSet:
         return start, min(start + self.shard_rows, self.n)
 
     def shard_done(self, status: np.ndarray | None = None) -> np.ndarray:
-        """bool [n_shards]: shards with no pending row."""
+        """bool [n_shards]: shards whose every row is ok or failed (a damaged status value is not done)."""
         status = self.status if status is None else status
         done = np.ones(self.n_shards, bool)
         for s in range(self.n_shards):
             a, b = self.shard_range(s)
-            done[s] = bool(np.all(status[a:b] != PENDING))
+            done[s] = bool(np.all((status[a:b] == OK) | (status[a:b] == FAILED)))
         return done
 
     def write_shard(self, shard: int, data: dict[str, np.ndarray], failed: dict[int, str]) -> None:
@@ -495,14 +634,31 @@ class FeatureSet:
                 raise StoreError(
                     f"{self.name}: shard {shard} array '{key}' has {len(data[key])} rows, not {stop - start}"
                 )
-        for key, values in data.items():
-            self.group[key][start:stop] = values
         reasons = np.array([failed.get(i, "") for i in range(start, stop)], dtype=np.str_)
-        self.group["failure"][start:stop] = reasons
         status = np.full(stop - start, OK, np.uint8)
         for i in failed:
             status[i - start] = FAILED
-        self.group["status"][start:stop] = status
+        with write_errors(f"{self.store.url}: writing shard {shard} of feature set '{self.name}'"):
+            for key, values in data.items():
+                store_io.fault_point(f"shard {shard}:{key}")
+                self._writable(key)[start:stop] = values
+            store_io.fault_point(f"shard {shard}:failure")
+            self._writable("failure")[start:stop] = reasons
+            store_io.fault_point(f"shard {shard}:status")
+            self._writable("status")[start:stop] = status  # the commit
+            store_io.fault_point(f"shard {shard}:committed")
+
+    def _writable(self, key: str) -> zarr.Array:
+        # every chunk is stored, even one equal to the fill value: a missing chunk then means damage
+        return self.group[key].with_config({"write_empty_chunks": True})
+
+    def mark_pending(self, shards: list[int]) -> None:
+        """Mark every row of these shards pending (``verify --repair``): the next extraction redoes them."""
+        with write_errors(f"{self.store.url}: repairing feature set '{self.name}'"):
+            for s in shards:
+                lo, hi = self.shard_range(s)
+                store_io.fault_point(f"repair {s}")
+                self._writable("status")[lo:hi] = np.zeros(hi - lo, np.uint8)
 
     def reset_failed(self, shards: list[int] | None = None) -> int:
         """Mark failed rows pending again (their shards are redone by the next extraction).
@@ -517,11 +673,13 @@ class FeatureSet:
         count = 0
         for s in range(self.n_shards) if shards is None else shards:
             lo, hi = self.shard_range(s)
-            status = np.asarray(self.group["status"][lo:hi])
+            status = self.read_shard_checked("status", s)
             bad = status == FAILED
             if bad.any():
                 status[bad] = PENDING
-                self.group["status"][lo:hi] = status
+                with write_errors(f"{self.store.url}: writing feature set '{self.name}'"):
+                    store_io.fault_point(f"retry {s}")
+                    self._writable("status")[lo:hi] = status
                 count += int(bad.sum())
         return count
 
@@ -555,13 +713,17 @@ class FeatureSet:
         """
         if self.attrs.get("rows_digest") != manifest.rows_digest():
             raise StoreError(f"{self.name}: the manifest lists other images; extract them into another set")
-        with _file_lock(self, ".manifest.lock"):
+        with file_lock(self, ".manifest.lock"):
             self.refresh()
             if not self.needs_manifest(manifest):
                 return False
             self.update_attrs(manifest_digest=_REPLACING + manifest.digest())
             _write_manifest_columns(self.group, manifest)
-            self.update_attrs(**_manifest_attrs(manifest), manifest_updated=_now())  # the commit
+            new = {**self.attrs, **_manifest_attrs(manifest)}
+            from featcache.store_check import attrs_digest
+
+            extra = {"attrs_digest": attrs_digest(_jsonable(new))} if self.attrs.get("attrs_digest") else {}
+            self.update_attrs(**_manifest_attrs(manifest), **extra, manifest_updated=_now())  # the commit
             self._cache.clear()
         return True
 
@@ -574,11 +736,21 @@ class FeatureSet:
 
     def update_attrs(self, **kv: Any) -> None:
         """Merge attributes into the set's provenance, on top of what is stored now (not a stale copy)."""
-        self.refresh()
-        self.group.attrs.update(kv)
-        self.attrs = dict(self.group.attrs)
+        with write_errors(f"{self.store.url}: writing the attributes of feature set '{self.name}'"):
+            self.refresh()
+            store_io.fault_point("attrs")
+            self.group.attrs.update(kv)
+            self.attrs = dict(self.group.attrs)
 
-    def _check_compatible(self, manifest: Manifest, config: dict, arrays: dict[str, ArraySpec]) -> None:
+    def _check_compatible(
+        self, manifest: Manifest, config: dict, arrays: dict[str, ArraySpec], shard_rows: int | None = None
+    ) -> None:
+        if shard_rows is not None and min(int(shard_rows), max(1, self.n)) != self.shard_rows:
+            raise StoreError(
+                f"{self.store.url}: feature set '{self.name}' has {self.shard_rows} rows per shard, not "
+                f"--shard-size {shard_rows}; drop --shard-size (or pass {self.shard_rows}) to resume it, "
+                "or use another --name"
+            )
         same_images = self.attrs.get("rows_digest") == manifest.rows_digest()
         if not same_images and self.attrs.get("manifest_digest") != manifest.digest():
             raise StoreError(
@@ -603,42 +775,23 @@ class FeatureSet:
 
     # ---- integrity and size ----
 
-    def verify(self) -> list[str]:
-        """Check completeness and integrity; returns the problems found (empty when all is well).
+    def verify(self, repair: bool = False) -> list[str]:
+        """Read every chunk of every array and check it; returns the problems found (empty when all is well).
 
-        Checks: no pending rows, failed rows listed, every column and array has N rows, ids unique,
-        the stored manifest columns still hash to the recorded digest, no NaN/Inf in rows marked ok
-        (read shard by shard).
+        Checks the attributes against the arrays, the recorded manifest digest against the stored
+        columns, every chunk's checksum, that every row marked done has its chunks, status values
+        in {0, 1, 2}, no NaN/Inf in rows marked ok, no pending and no failed rows. With
+        ``repair``, shards holding damage are marked pending so the next extraction redoes them
+        (see ``featcache.store_check``).
         """
-        problems: list[str] = []
-        if self.replacing:
-            return [
-                "a replacement of the manifest columns was interrupted; re-run the extraction with the new manifest"
-            ]
-        status = self.status
-        pending = int((status == PENDING).sum())
-        if pending:
-            problems.append(f"{pending} of {self.n} row(s) pending (re-run the extraction to finish)")
-        failed = int((status == FAILED).sum())
-        if failed:
-            first = self.failures()[0]
-            problems.append(f"{failed} row(s) failed (first: {first['id']}: {first['reason']})")
-        for key in ("ids", "patient_ids", "splits", "paths", "failure", *self.arrays()):
-            if key in self.group and self.group[key].shape[0] != self.n:
-                problems.append(f"array '{key}' has {self.group[key].shape[0]} rows, expected {self.n}")
-        if len(set(self.ids.tolist())) != self.n:
-            problems.append("ids are not unique")
-        if self.manifest_digest() != self.attrs.get("manifest_digest"):
-            problems.append("stored manifest columns do not match the recorded manifest digest")
-        ok = status == OK
-        for key in self.arrays():
-            bad = 0
-            for rows, block in self.iter_blocks(key):
-                finite = np.isfinite(block.reshape(len(rows), -1)).all(axis=1)
-                bad += int((~finite & ok[rows]).sum())
-            if bad:
-                problems.append(f"array '{key}' has NaN or Inf in {bad} rows marked ok")
-        return problems
+        from featcache.store_check import verify_set
+
+        return verify_set(self, repair=repair)[0]
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the feature arrays carry crc32c checksums (sets of format 1 do not)."""
+        return all(store_io.has_crc(_codecs(self.group[k])) for k in self.arrays() if k in self.group)
 
     def bytes_per_row(self) -> dict[str, tuple[float, float | None]]:
         """Per array: (uncompressed bytes per image, stored bytes per finished image or None if unknown)."""
@@ -665,21 +818,31 @@ class FeatureSet:
         return tuple(self._array(name).shape)
 
     def _array(self, name: str) -> zarr.Array:
-        if name not in self.arrays():
+        if name not in (*self.arrays(), "status", "failure"):
             raise StoreError(
                 f"{self.name}: no array '{name}'; have {self.arrays()} (extract with --tokens/--layers)"
             )
-        return self.group[name]
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(
+                f"{self.store.url}: feature set '{self.name}': array '{name}' is missing "
+                f"({name}/zarr.json); delete the set and re-run `featcache extract`"
+            ) from None
 
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Read a feature array, shard by shard.
+        """Read a feature array, shard by shard, checking every chunk read.
 
         Args:
-            name: array name (``cls``, ``pooled``, ``layer_cls`` ...).
+            name: array name (``cls``, ``pooled``, ``layer_cls`` ..., or ``status``/``failure``).
             rows: None (all rows), a slice, or an int/bool index array.
 
         Returns:
             The rows asked for, in the order asked, in the stored dtype ([n, ...]).
+
+        Raises:
+            StoreError: a chunk fails its checksum, is truncated, or is missing while its rows are
+                marked done (naming the set, array and shard, and the fix).
         """
         a = self._array(name)
         if rows is None:
@@ -694,7 +857,7 @@ class FeatureSet:
             while start < hi:  # shard by shard into one preallocated array
                 stop = min(hi, (start // self.shard_rows + 1) * self.shard_rows)
                 if folder is None:
-                    out[start - lo : stop - lo] = a[start:stop]
+                    out[start - lo : stop - lo] = self._read_range(a, start, stop)
                 else:
                     self._read_raw_chunk(a, folder, start, stop, out[start - lo : stop - lo])
                 start = stop
@@ -709,19 +872,73 @@ class FeatureSet:
             out[pos] = self._read_rows(a, idx[pos])
         return out
 
+    def read_shard_checked(self, name: str, shard: int, status: np.ndarray | None = None) -> np.ndarray:
+        """All rows of one shard of an array, checked (checksum, truncation, presence when done).
+
+        Args:
+            status: the set's status (uint8 [N]) if already read; else read where needed.
+        """
+        lo, hi = self.shard_range(shard)
+        return self._read_range(self._array(name), lo, hi, status=status)
+
+    def _damage(self, a: zarr.Array, shard: int, detail: str) -> StoreError:
+        return damaged(self.name, a.basename, shard, detail, self.store.url)
+
+    def _chunk_key(self, a: zarr.Array, shard: int) -> str:
+        return a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))
+
+    def _chunk_exists(self, a: zarr.Array, shard: int) -> bool:
+        from zarr.core.sync import sync
+
+        sp = a.store_path
+        return bool(sync(sp.store.exists(f"{sp.path}/{self._chunk_key(a, shard)}".lstrip("/"))))
+
+    def _missing_matters(self, a: zarr.Array, shard: int, status: np.ndarray | None) -> bool:
+        """A missing chunk is damage when its rows are marked done (zarr would read the fill value).
+
+        A missing status chunk reads as pending, so its shard is simply redone; failure reasons
+        equal to the fill value were not stored before checksums came (format 1).
+        """
+        if a.basename == "status" or (a.basename == "failure" and not store_io.has_crc(_codecs(a))):
+            return False
+        lo, hi = self.shard_range(shard)
+        st = status[lo:hi] if status is not None else self.read_shard_checked("status", shard)
+        return bool((st != PENDING).any())
+
+    def _read_range(self, a: zarr.Array, lo: int, hi: int, status: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` of one shard through zarr, every error a one-line StoreError."""
+        shard = lo // self.shard_rows
+        try:
+            block = np.asarray(a[lo:hi])
+        except Exception as e:  # checksum mismatch, truncated, empty or undecodable chunk
+            raise self._damage(
+                a, shard, f"chunk {self._chunk_key(a, shard)} is damaged ({_reason(e)})"
+            ) from None
+        if (
+            a.basename != "status"
+            and not self._chunk_exists(a, shard)
+            and self._missing_matters(a, shard, status)
+        ):
+            raise self._damage(
+                a, shard, f"chunk {self._chunk_key(a, shard)} is missing but its rows are marked done"
+            )
+        return block
+
     def _raw_chunk_folder(self, a: zarr.Array) -> Path | None:
-        """The array's folder when its chunks are plain little-endian bytes on local disk, else None.
+        """The array's folder when its chunks are plain little-endian bytes (+ crc32c) on local disk, else None.
 
         Such chunks are read straight into the output buffer (one copy instead of zarr's three),
-        which is what lets a full read of ``cls`` keep up with a monolithic ``.npy`` file.
+        which is what lets a full read of ``cls`` keep up with a monolithic ``.npy`` file; the
+        trailing crc32c is checked here as zarr would.
         """
         base = self.store.local_path
-        codecs = a.metadata.codecs if hasattr(a.metadata, "codecs") else ()
+        codecs = _codecs(a)
+        plain = codecs[:-1] if store_io.has_crc(codecs) else codecs
         if (
             base is None
-            or len(codecs) != 1
-            or type(codecs[0]).__name__ != "BytesCodec"
-            or getattr(codecs[0].endian, "value", "little") != "little"
+            or len(plain) != 1
+            or type(plain[0]).__name__ != "BytesCodec"
+            or getattr(plain[0].endian, "value", "little") != "little"
             or np.little_endian is False
             or a.chunks[0] != self.shard_rows
             or tuple(a.chunks[1:]) != tuple(a.shape[1:])
@@ -731,16 +948,35 @@ class FeatureSet:
 
     def _read_raw_chunk(self, a: zarr.Array, folder: Path, start: int, stop: int, out: np.ndarray) -> None:
         s = start // self.shard_rows
-        path = folder / a.metadata.encode_chunk_key((s,) + (0,) * (a.ndim - 1))
+        key = self._chunk_key(a, s)
+        path = folder / key
         row_bytes = out.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
+        crc = store_io.has_crc(_codecs(a))
+        chunk_bytes = self.shard_rows * row_bytes
         try:
             with open(path, "rb") as f:
-                f.seek((start - s * self.shard_rows) * row_bytes)
-                got = f.readinto(memoryview(out).cast("B"))
-            if got != out.nbytes:
-                raise StoreError(f"{path}: chunk file is truncated; run `featcache verify` and re-extract")
-        except FileNotFoundError:  # never written: the fill value
+                if not crc:
+                    f.seek((start - s * self.shard_rows) * row_bytes)
+                    got = f.readinto(memoryview(out).cast("B"))
+                    if got != out.nbytes:
+                        raise self._damage(a, s, f"chunk {key} is truncated")
+                    return
+                whole = out.nbytes == chunk_bytes
+                buf = out if whole else np.empty((self.shard_rows, *out.shape[1:]), out.dtype)
+                got = f.readinto(memoryview(buf).cast("B"))
+                tail = f.read(5)
+        except FileNotFoundError:  # never written: the fill value, unless its rows are marked done
+            if self._missing_matters(a, s, None):
+                raise self._damage(a, s, f"chunk {key} is missing but its rows are marked done") from None
             out[...] = a.metadata.fill_value
+            return
+        if got != chunk_bytes or len(tail) != 4:
+            raise self._damage(a, s, f"chunk {key} is truncated or has the wrong size")
+        if not store_io.crc32c_ok(buf, tail):
+            raise self._damage(a, s, f"chunk {key} fails its crc32c checksum")
+        if not whole:
+            lo = start - s * self.shard_rows
+            out[...] = buf[lo : lo + len(out)]
 
     def iter_blocks(
         self, name: str, rows: np.ndarray | None = None
@@ -758,7 +994,7 @@ class FeatureSet:
         if rows is None:
             for s in range(self.n_shards):
                 lo, hi = self.shard_range(s)
-                yield np.arange(lo, hi), np.asarray(a[lo:hi])
+                yield np.arange(lo, hi), self.read(name, slice(lo, hi))
             return
         idx = np.asarray(rows)
         if idx.dtype == bool:
@@ -773,8 +1009,29 @@ class FeatureSet:
         # a contiguous range read is far faster than a selection on sharded arrays (PERF_NOTES);
         # for a few rows of a sharded (one image per chunk) array, read the rows one by one.
         if a.chunks[0] == 1 and len(sel) * 4 < hi - lo:
-            return np.stack([np.asarray(a[int(i)]) for i in sel])
-        return np.asarray(a[lo:hi])[sel - lo]
+            shard = lo // self.shard_rows
+            if not self._chunk_exists(a, shard) and self._missing_matters(a, shard, None):
+                raise self._damage(
+                    a, shard, f"chunk {self._chunk_key(a, shard)} is missing but its rows are marked done"
+                )
+            try:
+                return np.stack([np.asarray(a[int(i)]) for i in sel])
+            except Exception as e:
+                raise self._damage(
+                    a, shard, f"chunk {self._chunk_key(a, shard)} is damaged ({_reason(e)})"
+                ) from None
+        return self.read(a.basename, slice(lo, hi))[sel - lo]
+
+
+def _codecs(a: zarr.Array) -> tuple:
+    return tuple(a.metadata.codecs) if hasattr(a.metadata, "codecs") else ()
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).split("\n")[0]
+    if "checksum" in msg.lower():
+        return "crc32c checksum mismatch"
+    return f"{type(e).__name__}: {msg[:120]}"
 
 
 def _unicode(values: Any) -> np.ndarray:
@@ -787,59 +1044,3 @@ def _unicode(values: Any) -> np.ndarray:
 
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, sort_keys=True, default=str))
-
-
-@contextlib.contextmanager
-def _file_lock(fs: FeatureSet, name: str) -> Iterator[None]:
-    """An exclusive, blocking flock on a file in the set's folder (no-op for remote stores)."""
-    base = fs.store.local_path
-    if base is None:
-        yield
-        return
-    import fcntl
-
-    with open(base / fs.name / name, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def extraction_lock(fs: FeatureSet, shard_index: int = 0, num_shards: int = 1) -> Iterator[None]:
-    """Refuse a second extraction into the same set (or the same worker slice) while one runs.
-
-    A single-worker run holds an exclusive lock on the set; each of several workers holds a
-    shared lock on the set plus an exclusive lock on its own slice, so workers of one run
-    coexist while a duplicate worker or a plain second run is refused. Locks are ``flock``
-    locks, released by the kernel when the process dies (even by SIGKILL). Remote stores
-    (fsspec URLs) are not locked.
-
-    Raises:
-        StoreError: another extraction holds the lock.
-    """
-    base = fs.store.local_path
-    if base is None:
-        yield
-        return
-    import fcntl
-
-    folder = base / fs.name
-    folder.mkdir(parents=True, exist_ok=True)
-    handles = []
-    try:
-        plan = [(folder / ".extract.lock", fcntl.LOCK_EX if num_shards == 1 else fcntl.LOCK_SH)]
-        if num_shards > 1:
-            plan.append((folder / f".extract.lock.{shard_index}-of-{num_shards}", fcntl.LOCK_EX))
-        for path, kind in plan:
-            fh = open(path, "a+")
-            handles.append(fh)
-            try:
-                fcntl.flock(fh, kind | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(
-                    f"{base}: another extraction is writing feature set '{fs.name}' "
-                    f"({path.name}); wait for it to finish or kill it, then re-run to resume"
-                ) from None
-        yield
-    finally:
-        for fh in handles:
-            fh.close()
