@@ -109,9 +109,12 @@ class FeatureStore:
                 f"{self.url}: no feature store here; run `featcache extract --out {self.url}` first"
             )
         try:
-            self.root = zarr.open_group(self.url, mode=mode, zarr_format=3)
+            with write_errors(f"{self.url}: opening the feature store"):
+                self.root = zarr.open_group(self.url, mode=mode, zarr_format=3)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: no feature store here; run `featcache extract` first") from None
+        except StoreError:
+            raise
         except Exception as e:  # zarr raises several types for a folder that is not a store
             raise StoreError(
                 f"{self.url}: not a readable Zarr v3 feature store ({type(e).__name__}: {e})"
@@ -403,7 +406,7 @@ def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shar
     # float16 tokens: lossless Blosc-zstd + bit-shuffle (about 1.3-1.5x when the model ran in bf16);
     # float32 CLS/pooled: uncompressed, since zstd gains under 1.1x there and costs most of the read time.
     # every chunk ends with its crc32c, so a flipped byte fails the read instead of reaching a probe
-    compressor = [Crc32cCodec()]
+    compressor = _crc()
     if spec.dtype == "float16":
         compressor.insert(0, BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
     if key in _LARGE_ARRAYS or spec.row_bytes >= 2**18:
@@ -887,11 +890,24 @@ class FeatureSet:
     def _chunk_key(self, a: zarr.Array, shard: int) -> str:
         return a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))
 
-    def _chunk_exists(self, a: zarr.Array, shard: int) -> bool:
+    def _chunk_size(self, a: zarr.Array, shard: int) -> int | None:
+        """Stored bytes of a shard's chunk file, None when there is none."""
         from zarr.core.sync import sync
 
         sp = a.store_path
-        return bool(sync(sp.store.exists(f"{sp.path}/{self._chunk_key(a, shard)}".lstrip("/"))))
+        try:
+            return int(sync(sp.store.getsize(f"{sp.path}/{self._chunk_key(a, shard)}".lstrip("/"))))
+        except FileNotFoundError:
+            return None
+
+    def _check_present(self, a: zarr.Array, shard: int, status: np.ndarray | None) -> None:
+        """Raise when a chunk is empty, or missing while its rows are marked done (zarr reads both as fill)."""
+        size = self._chunk_size(a, shard)
+        key = self._chunk_key(a, shard)
+        if size == 0:
+            raise self._damage(a, shard, f"chunk {key} is empty")
+        if size is None and self._missing_matters(a, shard, status):
+            raise self._damage(a, shard, f"chunk {key} is missing but its rows are marked done")
 
     def _missing_matters(self, a: zarr.Array, shard: int, status: np.ndarray | None) -> bool:
         """A missing chunk is damage when its rows are marked done (zarr would read the fill value).
@@ -914,14 +930,7 @@ class FeatureSet:
             raise self._damage(
                 a, shard, f"chunk {self._chunk_key(a, shard)} is damaged ({_reason(e)})"
             ) from None
-        if (
-            a.basename != "status"
-            and not self._chunk_exists(a, shard)
-            and self._missing_matters(a, shard, status)
-        ):
-            raise self._damage(
-                a, shard, f"chunk {self._chunk_key(a, shard)} is missing but its rows are marked done"
-            )
+        self._check_present(a, shard, status)
         return block
 
     def _raw_chunk_folder(self, a: zarr.Array) -> Path | None:
@@ -1010,10 +1019,7 @@ class FeatureSet:
         # for a few rows of a sharded (one image per chunk) array, read the rows one by one.
         if a.chunks[0] == 1 and len(sel) * 4 < hi - lo:
             shard = lo // self.shard_rows
-            if not self._chunk_exists(a, shard) and self._missing_matters(a, shard, None):
-                raise self._damage(
-                    a, shard, f"chunk {self._chunk_key(a, shard)} is missing but its rows are marked done"
-                )
+            self._check_present(a, shard, None)
             try:
                 return np.stack([np.asarray(a[int(i)]) for i in sel])
             except Exception as e:

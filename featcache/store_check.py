@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featcache.errors import StoreError
-from featcache.store_io import has_crc
 
 if TYPE_CHECKING:
     from featcache.store import FeatureSet
@@ -56,12 +55,6 @@ def attribute_problems(fs: FeatureSet) -> list[str]:
         return [
             "a replacement of the manifest columns was interrupted; re-run `featcache extract` with the new manifest"
         ]
-    recorded = a.get("attrs_digest")
-    if recorded and recorded != attrs_digest(a):
-        out.append(
-            "attributes were edited after extraction (attrs_digest mismatch: model, res, labels, arrays or "
-            "settings); restore them or re-extract into a new set"
-        )
     for key in ("ids", "paths", "patient_ids", "splits", "status", "failure", *fs.arrays()):
         if key not in fs.group:
             out.append(
@@ -95,6 +88,12 @@ def attribute_problems(fs: FeatureSet) -> list[str]:
         )
     if len(set(fs.ids.tolist())) != fs.n:
         out.append("ids are not unique")
+    recorded = a.get("attrs_digest")
+    if recorded and recorded != attrs_digest(a):
+        out.append(
+            "attributes were edited after extraction (attrs_digest mismatch: model, res, labels, arrays or "
+            "settings); restore them or re-extract into a new set"
+        )
     return out
 
 

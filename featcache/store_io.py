@@ -86,7 +86,7 @@ def write_errors(what: str) -> Iterator[None]:
     """Turn OSError (full disk, read-only file system, quota, permissions) into a one-line StoreError."""
     try:
         yield
-    except StoreError:
+    except (StoreError, FileNotFoundError):
         raise
     except OSError as e:
         raise StoreError(os_error_message(e, what)) from None
@@ -96,8 +96,13 @@ def write_errors(what: str) -> Iterator[None]:
 
 
 def has_crc(codecs) -> bool:
-    """Whether a codec pipeline ends with a crc32c checksum."""
-    return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
+    """Whether a codec pipeline ends with a crc32c checksum (for sharding: inner chunks and index both)."""
+    if not codecs:
+        return False
+    last = codecs[-1]
+    if type(last).__name__ == "ShardingCodec":
+        return has_crc(tuple(last.codecs)) and has_crc(tuple(last.index_codecs))
+    return type(last).__name__ == "Crc32cCodec"
 
 
 def crc32c_ok(payload: np.ndarray, stored: bytes) -> bool:
