@@ -376,3 +376,35 @@ def test_lock_is_free_once_the_main_process_is_killed(reference, tmp_path):
     proc.wait(timeout=30)
     with extraction_lock(fs):  # at once: no orphan holds it
         pass
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "status254"])
+def test_verify_repair_then_extract_is_bit_identical(reference, tmp_path, damage):
+    from click.testing import CliRunner
+
+    from cli import featcache
+
+    _, manifest, _, clean = reference
+    out = tmp_path / "rep"
+    extract(_cfg(manifest, out), progress=False)
+    set_dir = out / FeatureStore(out).list_sets()[0]
+    if damage == "flip":
+        chunk = set_dir / "cls" / "c" / "1" / "0"
+        b = bytearray(chunk.read_bytes())
+        b[5] ^= 1
+        chunk.write_bytes(bytes(b))
+    elif damage == "delete":
+        (set_dir / "pooled" / "c" / "2" / "0").unlink()
+    else:
+        fs = FeatureStore(out, mode="a").open_set()
+        fs._writable("status")[2:4] = np.array([1, 254], np.uint8)
+    runner = CliRunner()
+    r = runner.invoke(featcache, ["verify", str(out)])
+    assert r.exit_code == 1 and ("shard" in r.output or "status outside" in r.output), r.output
+    r = runner.invoke(featcache, ["verify", "--repair", str(out)])
+    assert r.exit_code == 1 and "marked pending" in r.output, r.output
+    again = extract(_cfg(manifest, out), progress=False)
+    assert again.processed == SHARD  # exactly the damaged shard is redone
+    r = runner.invoke(featcache, ["verify", str(out)])
+    assert r.exit_code == 0 and r.output.strip().endswith(": ok"), r.output
+    _assert_same(clean, _snapshot(out), f"repair after {damage}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featcache.store as store_mod
+import featcache.store_layout as store_mod
 from featcache.errors import FeatcacheError, StoreError
 from featcache.manifest import read_manifest, write_manifest
 from featcache.store import OK, PENDING, ArraySpec, FeatureStore
