@@ -192,25 +192,32 @@ def extract(**kw) -> None:
 @click.argument("cache")
 @_one_line_errors
 def ls_cmd(cache: str) -> None:
-    """List the feature sets of a store: rows done/failed and bytes per image.
+    """List the feature sets of a store: rows done/failed/pending and bytes per image.
+
+    A set that cannot be read is listed with what is wrong instead of its counts.
 
     Example: featcache ls cache/
     """
-    from featcache.store import FAILED, OK, FeatureStore
+    from featcache.errors import StoreError
+    from featcache.store import FAILED, OK, PENDING, FeatureStore
 
     store = FeatureStore(cache)
     sets = store.list_sets()
     if not sets:
         click.echo(f"{cache}: no feature sets")
         return
-    click.echo(f"{'set':40} {'rows':>7} {'done':>7} {'failed':>7} {'bytes/img':>10}  arrays")
+    click.echo(f"{'set':40} {'rows':>7} {'done':>7} {'failed':>7} {'pending':>7} {'bytes/img':>10}  arrays")
     for name in sets:
-        fs = store.open_set(name)
-        st = fs.status
-        stored = sum(s or 0 for _, s in fs.bytes_per_row().values())
+        try:
+            fs = store.open_set(name)
+            st = fs.status
+            stored = sum(s or 0 for _, s in fs.bytes_per_row().values())
+        except StoreError as e:
+            click.echo(f"{name:40} damaged: {e}")
+            continue
         click.echo(
             f"{name:40} {fs.n:>7} {int((st == OK).sum()):>7} {int((st == FAILED).sum()):>7} "
-            f"{_fmt_bytes(stored):>10}  {','.join(fs.arrays())}"
+            f"{int((st == PENDING).sum()):>7} {_fmt_bytes(stored):>10}  {','.join(fs.arrays())}"
         )
 
 
@@ -249,6 +256,14 @@ def info(cache: str, set_name: str | None, as_json: bool) -> None:
     )
     click.echo(f"device:         {a.get('device')}; versions {a.get('versions')}")
     click.echo(f"created:        {a.get('created')}; updated {a.get('updated', '-')}")
+    click.echo(
+        f"integrity:      format {a.get('format_version')}; "
+        + (
+            "crc32c checksum on every chunk"
+            if fs.checksummed
+            else "no checksums (written by an older featcache)"
+        )
+    )
     total_raw = total_stored = 0.0
     for key, (raw, stored) in fs.bytes_per_row().items():
         total_raw += raw
@@ -265,23 +280,44 @@ def info(cache: str, set_name: str | None, as_json: bool) -> None:
 @featcache.command()
 @click.argument("cache")
 @click.argument("set_name", required=False)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark the shards holding damage pending, so the next `featcache extract` redoes exactly them.",
+)
 @_one_line_errors
-def verify(cache: str, set_name: str | None) -> None:
-    """Check every feature set (or one) for completeness and integrity; exit 1 on any problem.
+def verify(cache: str, set_name: str | None, repair: bool) -> None:
+    """Read every chunk of every feature set (or one) and check it; one line per problem, exit 1 on any.
 
-    Example: featcache verify cache/
+    Checks checksums, chunks of rows marked done, status values, attributes against the
+    arrays and the manifest digest against the stored columns. Exit codes: 0 all well, 1 a
+    problem (or an unreadable store). See docs/RELIABILITY.md.
+
+    Example: featcache verify cache/ ; featcache verify --repair cache/ && featcache extract ...
     """
+    from featcache.errors import StoreError
     from featcache.store import FeatureStore
+    from featcache.store_check import verify_set
 
-    store = FeatureStore(cache)
+    store = FeatureStore(cache, mode="a" if repair else "r")
     names = [set_name] if set_name else store.list_sets()
     if not names:
         raise click.ClickException(f"{cache}: no feature sets to verify")
     bad = 0
     for name in names:
-        problems = store.open_set(name).verify()
+        try:
+            problems, shards = verify_set(store.open_set(name), repair=repair)
+        except StoreError as e:
+            problems, shards = [str(e)], []
         bad += bool(problems)
-        click.echo(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
+        if not problems:
+            click.echo(f"{name}: ok")
+        for p in problems:
+            click.echo(f"{name}: {p}")
+        if repair and shards:
+            click.echo(
+                f"{name}: repaired: shard(s) {shards} marked pending; re-run `featcache extract` to redo them"
+            )
     if bad:
         raise click.ClickException(f"{bad} of {len(names)} feature sets have problems")
 

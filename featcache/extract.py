@@ -31,6 +31,7 @@ from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import FeatcacheError, ImageReadError
 from featcache.images import Preprocess, read_image
+from featcache.locks import close_inherited_locks
 from featcache.manifest import Manifest, read_manifest
 from featcache.store import ArraySpec, FeatureSet, FeatureStore, extraction_lock
 
@@ -39,6 +40,20 @@ TOKENS = ("cls", "pooled", "registers", "patch")
 
 class ExtractionInterrupted(FeatcacheError):
     """Ctrl-C during extraction: finished shards are kept, the next run resumes."""
+
+
+class ExtractionAborted(FeatcacheError):
+    """The run cannot go on (a decode worker died, memory ran out); finished shards are kept."""
+
+
+def _worker_died(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
+
+
+def _cpu_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e).lower()
+    )
 
 
 @dataclass
@@ -357,8 +372,32 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     Raises:
         FeatcacheError: bad input (manifest, options, model), a locked or incompatible store;
             with ``on_error="fail"``, the first file that cannot be decoded.
-        ExtractionInterrupted: Ctrl-C; finished shards are kept.
+        StoreError: a full disk, a read-only file system, a damaged or incompatible set.
+        ExtractionAborted: a decode worker died or memory ran out; finished shards are kept.
+        ExtractionInterrupted: Ctrl-C (also during start-up); finished shards are kept.
     """
+    try:
+        return _extract(cfg, progress=progress)
+    except KeyboardInterrupt:  # before or after the pass (model loading, set creation)
+        raise ExtractionInterrupted(
+            "interrupted; finished shards are saved: re-run the same command to resume"
+        ) from None
+    except (MemoryError, RuntimeError) as e:
+        if _cpu_oom(e):
+            raise ExtractionAborted(
+                f"out of memory (CPU RAM) while extracting into {cfg.out}; finished shards are saved: use a "
+                "smaller --batch-size, --shard-size or fewer --workers, then re-run to resume"
+            ) from None
+        if _worker_died(e):
+            raise ExtractionAborted(
+                f"a decode worker died ({str(e).splitlines()[0][:160]}): usually out of memory or a file-size "
+                "limit (ulimit -f); finished shards are saved: fix that (or use --workers 0 to see the "
+                "error), then re-run to resume"
+            ) from None
+        raise
+
+
+def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     from featcache.models import load_backbone, resolve_layers
 
     if cfg.on_error not in ("skip", "fail"):
@@ -458,6 +497,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers and n_todo else None,
             persistent_workers=False,
+            worker_init_fn=close_inherited_locks,  # an orphaned worker must not keep the set locked
         )
         bar = None
         if progress and n_todo:

@@ -251,7 +251,8 @@ def test_refused_run_leaves_the_manifest_alone_and_meta_changes_count(tmp_path, 
 
 
 def test_interrupted_replacement_is_refused_then_finished(tmp_path, manifest, monkeypatch):
-    import featcache.store as st
+    import featcache.store_layout as layout
+    import featcache.store_write as writer
     from probes.data import load_probe_data
 
     store = FeatureStore(tmp_path / "c", mode="a")
@@ -264,12 +265,12 @@ def test_interrupted_replacement_is_refused_then_finished(tmp_path, manifest, mo
     new = read_manifest(write_manifest(tmp_path / "m2.csv", cols), root=manifest.root)
 
     def killed(group, m):  # the process dies after the old columns are deleted
-        for key in st._MANIFEST_COLUMNS:
+        for key in layout._MANIFEST_COLUMNS:
             if key in group:
                 del group[key]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st, "_write_manifest_columns", killed)
+    monkeypatch.setattr(writer, "_write_manifest_columns", killed)
     with pytest.raises(KeyboardInterrupt):
         fs.replace_manifest(new)
     monkeypatch.undo()
