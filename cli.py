@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from featcache.errors import FeatcacheError
+from featcache.errors import ExtractionInterrupted, FeatcacheError
 
 
 def _one_line_errors(fn):
@@ -156,20 +156,23 @@ def extract(**kw) -> None:
 
     Example: featcache extract --model dinov3-vitb16 --res 512 --data nih.csv --root /data/nih --out cache/
     """
-    from featcache.extract import ExtractConfig, ExtractionInterrupted
-    from featcache.extract import extract as run_extract
-
     quiet = kw.pop("quiet")
-    cfg = ExtractConfig(
-        model=kw["model"], data=kw["data"], out=kw["out"], res=kw["res"], root=kw["root"], name=kw["name"],
-        tokens=_csv_list(kw["tokens"]), layers=kw["layers"], patch_pool=kw["patch_pool"], resize=kw["resize"],
-        interpolation=kw["interpolation"], batch_size=kw["batch_size"], workers=kw["workers"], device=kw["device"],
-        dtype=kw["dtype"], seed=kw["seed"], shard_rows=kw["shard_size"], num_shards=kw["num_shards"],
-        shard_index=kw["shard_index"], on_error=kw["on_error"], retry_failed=kw["retry_failed"],
-        compile=kw["compile_"], revision=kw["revision"],
-    )  # fmt: skip
-    try:
+    try:  # Ctrl-C while torch is still importing is an interruption too (exit 130, not "Aborted!")
+        from featcache.extract import ExtractConfig
+        from featcache.extract import extract as run_extract
+
+        cfg = ExtractConfig(
+            model=kw["model"], data=kw["data"], out=kw["out"], res=kw["res"], root=kw["root"], name=kw["name"],
+            tokens=_csv_list(kw["tokens"]), layers=kw["layers"], patch_pool=kw["patch_pool"], resize=kw["resize"],
+            interpolation=kw["interpolation"], batch_size=kw["batch_size"], workers=kw["workers"],
+            device=kw["device"], dtype=kw["dtype"], seed=kw["seed"], shard_rows=kw["shard_size"],
+            num_shards=kw["num_shards"], shard_index=kw["shard_index"], on_error=kw["on_error"],
+            retry_failed=kw["retry_failed"], compile=kw["compile_"], revision=kw["revision"],
+        )  # fmt: skip
         r = run_extract(cfg, progress=not quiet)
+    except KeyboardInterrupt:
+        _echo_err("Interrupted before extraction started; nothing was written")
+        sys.exit(130)
     except ExtractionInterrupted as e:  # Ctrl-C: finished shards are kept; 130 as shells report SIGINT
         _echo_err(f"Interrupted: {e}")
         sys.exit(130)
@@ -897,6 +900,11 @@ def _probe_data_options(fn):
             type=click.Choice(["mean", "max"]),
             help="Pool slice features per volume (slice manifests from `featcache volumes`).",
         ),
+        click.option(
+            "--allow-partial",
+            is_flag=True,
+            help="Probe a set whose extraction has not finished (pending rows are left out and counted).",
+        ),
         click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file."),
     ]
     for option in reversed(options):
@@ -974,6 +982,8 @@ def _echo_protocol(rows: list[dict]) -> None:
         )
     if p.get("threshold_from"):
         parts.append(f"Youden thresholds from {p['threshold_from']} scores")
+    if p.get("pending_rows"):
+        parts.append(f"--allow-partial: {p['pending_rows']} rows not extracted yet are left out")
     if p.get("k_requested"):
         parts.append(f"k {p['k_requested']} capped at the {rows[0].get('n_train')} indexed rows")
     if parts:
@@ -1013,8 +1023,9 @@ def _echo_header(rows: list[dict], what: str) -> None:
 @_no_carve_options
 @_one_line_errors
 def knn(
-    cache, set_name, features, labels, uncertain, aggregate, out, k, temperature, method, s, n_boot, seed
-) -> None:
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, n_boot,
+    seed,
+) -> None:  # fmt: skip
     """kNN probe (dinov2 knn.py by default, or ML-kNN): AUROC per label and mean, with patient CIs.
 
     Example: probes knn --cache cache/ --set nih/dinov3-vitb16/512 --k 10,20 --out results.jsonl
@@ -1024,7 +1035,7 @@ def knn(
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature, method=method, s=s,
         labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
-        out=out, aggregate=aggregate,
+        out=out, aggregate=aggregate, allow_partial=allow_partial,
     )  # fmt: skip
     _echo_header(rows, "mlknn" if method == "mlknn" else f"knn vote={method}")
     _echo_protocol(rows)
@@ -1043,8 +1054,9 @@ def knn(
 @_bootstrap_options
 @_one_line_errors
 def logreg(
-    cache, set_name, features, labels, uncertain, aggregate, out, C, C_grid, n_boot, seed, val_fraction
-) -> None:
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, C, C_grid, n_boot, seed,
+    val_fraction,
+) -> None:  # fmt: skip
     """Logistic-regression probe, C chosen on validation only: AUROC per label and mean, with CIs.
 
     Example: probes logreg --cache cache/ --set nih/dinov3-vitb16/512 --out results.jsonl
@@ -1056,6 +1068,7 @@ def logreg(
     rows = run_logreg(
         cache, set_name, features=features, C=C, C_grid=grid, labels=_csv_list(labels) or None,
         uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out, aggregate=aggregate,
+        allow_partial=allow_partial,
     )  # fmt: skip
     _echo_header(rows, "logreg")
     _echo_protocol(rows)
@@ -1102,8 +1115,8 @@ def logreg(
 )
 @_one_line_errors
 def fewshot(
-    cache, set_name, features, labels, uncertain, aggregate, out, shots, seeds, head, C, k, sampling,
-    mean_labels, episodes_out, episodes_from,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, shots, seeds, head, C, k,
+    sampling, mean_labels, episodes_out, episodes_from,
 ) -> None:  # fmt: skip
     """Few-shot probe: K patients per side/class, many seeds, AUROC of every episode on the test split.
 
@@ -1123,7 +1136,7 @@ def fewshot(
         cache, set_name, shots=shot_list, seeds=seeds, head=head, features=features,
         labels=_csv_list(labels) or None, uncertain=uncertain, C=C, k=k, out=out,
         episodes_out=episodes_out, episodes_from=episodes_from, aggregate=aggregate, sampling=sampling,
-        mean_labels=_csv_list(mean_labels) or None,
+        mean_labels=_csv_list(mean_labels) or None, allow_partial=allow_partial,
     )  # fmt: skip
     _echo_header(rows, f"fewshot head={head} sampling={sampling}")
     click.echo(f"{'shots':>5}  mean AUROC ± SD over seeds (seeds)")
@@ -1153,8 +1166,8 @@ def fewshot(
 @_bootstrap_options
 @_one_line_errors
 def compare(
-    cache, set_name, features, labels, uncertain, aggregate, out, sets, probe_name, k, C, n_boot, seed,
-    val_fraction,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, sets, probe_name, k, C, n_boot,
+    seed, val_fraction,
 ) -> None:  # fmt: skip
     """Paired comparison of two feature sets: AUROC difference with paired CI, DeLong p, Holm-corrected.
 
@@ -1170,7 +1183,7 @@ def compare(
     rows = run_compare(
         cache, names, probe=probe_name, features=features, labels=_csv_list(labels) or None,
         uncertain=uncertain, k=k, C=C, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out,
-        aggregate=aggregate,
+        aggregate=aggregate, allow_partial=allow_partial,
     )  # fmt: skip
     click.echo(f"{names[0]} minus {names[1]} ({probe_name}, features={features})")
     click.echo(f"{'label':24} {'AUROC diff [95% CI]':28} {'p':>8} {'p (Holm)':>9}")

@@ -26,3 +26,11 @@ class ModelLoadError(FeatcacheError):
 
 class StoreError(FeatcacheError):
     """The feature store is missing, incomplete, locked or inconsistent."""
+
+
+class ExtractionInterrupted(FeatcacheError):
+    """Ctrl-C during extraction: finished shards are kept, the next run resumes."""
+
+
+class ExtractionAborted(FeatcacheError):
+    """The run cannot go on (a decode worker died, memory ran out); finished shards are kept."""

@@ -29,21 +29,13 @@ import torch
 
 from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
-from featcache.errors import FeatcacheError, ImageReadError
+from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
 from featcache.images import Preprocess, read_image
 from featcache.locks import close_inherited_locks
 from featcache.manifest import Manifest, read_manifest
 from featcache.store import ArraySpec, FeatureSet, FeatureStore, extraction_lock
 
 TOKENS = ("cls", "pooled", "registers", "patch")
-
-
-class ExtractionInterrupted(FeatcacheError):
-    """Ctrl-C during extraction: finished shards are kept, the next run resumes."""
-
-
-class ExtractionAborted(FeatcacheError):
-    """The run cannot go on (a decode worker died, memory ran out); finished shards are kept."""
 
 
 def _worker_died(e: BaseException) -> bool:

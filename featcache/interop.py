@@ -174,7 +174,7 @@ def export_set(
     """
     out = Path(out)
     fmt = _format_of(out, format)
-    fs = FeatureStore(store_url).open_set(set_name)
+    fs = FeatureStore(store_url).open_checked(set_name)  # never export a damaged or partial set
     arrays = [a for a in fs.arrays() if a != "patch" or patch]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -157,7 +157,7 @@ def pca_picture(
     from PIL import Image
 
     store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
-    fs = store.open_set(set_name)
+    fs = store.open_checked(set_name)  # every guard a probe has
     if features not in fs.arrays() or len(fs.shape(features)) != 4:
         raise StoreError(
             f"{fs.name}: no patch tokens '{features}' stored (arrays: {', '.join(fs.arrays())}); "

@@ -209,6 +209,6 @@ def check_usable(fs: FeatureSet, allow_partial: bool = False) -> dict[str, int]:
     if counts["pending"] and not allow_partial:
         raise StoreError(
             f"{where}: {counts['pending']} of {fs.n} row(s) are still pending (an extraction is running or was "
-            "interrupted); re-run `featcache extract` to finish, or allow a partial set explicitly"
+            "interrupted); re-run `featcache extract` to finish, or pass --allow-partial to probe the finished rows only"
         )
     return counts

@@ -36,6 +36,7 @@ def run_compare(
     n_boot: int = 1000,
     seed: int = 0,
     val_fraction: float = 0.2,
+    allow_partial: bool = False,
     out: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Paired comparison of two feature sets (e.g. two backbones) on the same test patients.
@@ -59,6 +60,8 @@ def run_compare(
         C, C_grid: logistic-regression C (None: chosen on val per set).
         n_boot: bootstrap draws.
         seed: bootstrap seed.
+        allow_partial: probe a set whose extraction has not finished (pending rows left out,
+            counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
 
     Returns:
@@ -72,7 +75,7 @@ def run_compare(
         raise FeatcacheError(f"compare needs two feature sets A,B; got {sets}")
     if probe not in ("logreg", "knn"):
         raise FeatcacheError(f"unknown probe {probe!r} for compare: use logreg or knn")
-    data = [_load(cache, s, features, labels, uncertain, 0.0, seed, aggregate) for s in sets]
+    data = [_load(cache, s, features, labels, uncertain, 0.0, seed, aggregate, allow_partial) for s in sets]
     check_same_test(data[0], data[1])
     k = min(int(k), *(len(d.train) + len(d.val) for d in data))  # as in run_knn: capped at the indexed rows
     scores = []

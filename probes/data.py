@@ -206,30 +206,32 @@ def carve_val(patients: np.ndarray, val_fraction: float, seed: int) -> np.ndarra
     return np.isin(patients, unique[chosen])
 
 
-def open_checked_set(cache: str | FeatureStore, set_name: str | None = None) -> FeatureSet:
+def open_checked_set(
+    cache: str | FeatureStore, set_name: str | None = None, *, allow_partial: bool = False
+) -> FeatureSet:
     """Open a feature set for a probe, refusing one that cannot be trusted.
 
     Every consumer of stored features (the probes, ``seg``, ``pca``, ``export``) opens sets through
-    this function, so every guard applies to all of them.
+    this function, so every guard applies to all of them (:func:`featcache.store_check.check_usable`):
+    a known format version, no manifest replacement in progress, arrays whose shapes agree with the
+    set's attributes, a manifest digest equal to one recomputed from the stored columns, attributes
+    not edited by hand, valid status values, and no pending rows unless ``allow_partial``.
 
     Args:
         cache: the store (a folder, fsspec URL or an open ``FeatureStore``).
         set_name: feature set name; may be None when the store holds one set.
+        allow_partial: accept a set some of whose rows are still pending (an extraction still
+            running or interrupted); ``fs.usable["pending"]`` counts them.
 
     Returns:
-        The open :class:`~featcache.store.FeatureSet`.
+        The open :class:`~featcache.store.FeatureSet`, with ``fs.usable`` =
+        ``{"n", "ok", "failed", "pending"}``.
 
     Raises:
-        FeatcacheError: a set whose manifest-column update was interrupted.
+        StoreError: one line saying what is wrong and the command that fixes it.
     """
     store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
-    fs = store.open_set(set_name)
-    if fs.replacing:
-        raise FeatcacheError(
-            f"{fs.name}: an update of its manifest columns was interrupted; re-run `featcache extract` with "
-            "the new manifest (it finishes the update without re-embedding)"
-        )
-    return fs
+    return store.open_checked(set_name, allow_partial=allow_partial)
 
 
 def load_probe_data(
@@ -241,6 +243,7 @@ def load_probe_data(
     val_fraction: float = 0.0,
     seed: int = 0,
     aggregate: str | None = None,
+    allow_partial: bool = False,
 ) -> ProbeData:
     """Load one feature set's features and targets, split into train / val / test.
 
@@ -255,6 +258,8 @@ def load_probe_data(
         seed: seed of that carving.
         aggregate: ``mean`` or ``max`` to pool slice features per volume (the ``meta_volume`` column
             written by ``featcache volumes``): each volume becomes one sample; None keeps rows as they are.
+        allow_partial: probe a set whose extraction has not finished (pending rows are left out,
+            and ``context["pending_rows"]`` counts them).
 
     Returns:
         A :class:`ProbeData`.
@@ -266,7 +271,7 @@ def load_probe_data(
     if not 0 <= val_fraction < 1:
         raise FeatcacheError(f"val_fraction must be in [0, 1); got {val_fraction}")
     store = cache if isinstance(cache, FeatureStore) else FeatureStore(cache)
-    fs = open_checked_set(store, set_name)
+    fs = open_checked_set(store, set_name, allow_partial=allow_partial)
     parts = _feature_parts(fs, features)
     Y, has_target, chosen = _targets(fs, labels, uncertain)
     splits = fs.splits
@@ -282,6 +287,8 @@ def load_probe_data(
                 f"give the manifest a '{s}' split, finish the extraction, or check the labels"
             )
     context: dict[str, Any] = {"val_carved": False}
+    if fs.usable.get("pending"):
+        context["pending_rows"] = int(fs.usable["pending"])
     if not len(keep["val"]) and val_fraction > 0:
         to_val = carve_val(fs.patient_ids[keep["train"]], val_fraction, seed)
         keep["val"], keep["train"] = keep["train"][to_val], keep["train"][~to_val]

@@ -42,7 +42,9 @@ _THRESHOLD_METRICS = ("sensitivity", "specificity", "f1")
 # ---- shared plumbing ----
 
 
-def _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate=None) -> ProbeData:
+def _load(
+    cache, set_name, features, labels, uncertain, val_fraction, seed, aggregate=None, allow_partial=False
+) -> ProbeData:
     return load_probe_data(
         cache,
         set_name,
@@ -52,6 +54,7 @@ def _load(cache, set_name, features, labels, uncertain, val_fraction, seed, aggr
         val_fraction=val_fraction,
         seed=seed,
         aggregate=aggregate,
+        allow_partial=allow_partial,
     )
 
 
@@ -65,6 +68,8 @@ def _context(data: ProbeData, probe: str) -> dict[str, Any]:
         params.update(aggregate=c["aggregate"], n_slices=c.get("n_slices"))
     if c.get("val_carved"):
         params.update(val_fraction=c.get("val_fraction"), split_seed=c.get("split_seed"))
+    if c.get("pending_rows"):
+        params["pending_rows"] = c["pending_rows"]  # --allow-partial: rows not yet extracted, left out
     if c.get("featcache_version"):
         params["extracted_with"] = c["featcache_version"]
     return {"context": row, "params": params}

@@ -59,6 +59,7 @@ def run_fewshot(
     C: float = 1.0,
     k: int = 20,
     temperature: float = 0.07,
+    allow_partial: bool = False,
     out: str | os.PathLike | None = None,
     episodes_out: str | os.PathLike | None = None,
     episodes_from: str | os.PathLike | None = None,
@@ -86,6 +87,8 @@ def run_fewshot(
         C: logreg head inverse regularisation.
         k: kNN head neighbours (capped at the support size).
         temperature: kNN / prototype temperature.
+        allow_partial: probe a set whose extraction has not finished (pending rows left out,
+            counted in ``params.pending_rows``).
         out: JSON-lines file to append rows to; the episodes are merged into ``<out>.episodes.json``.
         episodes_out: where to save the episodes instead (see :func:`save_episodes`).
         episodes_from: re-run saved episodes (an ``.episodes.json``, possibly drawn on another backbone's
@@ -108,7 +111,7 @@ def run_fewshot(
             "first-patients sampling is deterministic (one support set per shots): leave out --seeds"
         )
     # Few-shot tunes nothing, so there is no validation split to carve: the support pool is train + val.
-    pool = _pool(_load(cache, set_name, features, labels, uncertain, 0.0, 0, aggregate))
+    pool = _pool(_load(cache, set_name, features, labels, uncertain, 0.0, 0, aggregate, allow_partial))
     run = _context(pool, "fewshot")
     given_shots = (1, 2, 4, 8, 16) if shots is None else ([shots] if np.isscalar(shots) else shots)
     shot_list = sorted({int(s) for s in given_shots})

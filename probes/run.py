@@ -82,6 +82,7 @@ def run_knn(
     aggregate: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    allow_partial: bool = False,
     out: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Weighted kNN probe, ``dinov2/eval/knn.py`` (every k from one search), evaluated on test.
@@ -105,12 +106,14 @@ def run_knn(
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
         n_boot: bootstrap draws for the CIs.
         seed: bootstrap seed and seed of the out-of-fold folds.
+        allow_partial: probe a set whose extraction has not finished (pending rows left out,
+            counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
 
     Returns:
         The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
     """
-    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate)
+    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate, allow_partial)
     run = _context(data, "knn")
     asked = sorted({int(v) for v in ([k] if np.isscalar(k) else k)})
     if not asked or asked[0] < 1:
@@ -148,6 +151,7 @@ def run_logreg(
     n_boot: int = 1000,
     seed: int = 0,
     val_fraction: float = 0.2,
+    allow_partial: bool = False,
     out: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Logistic-regression (linear) probe, evaluated on test (:mod:`probes.fit` for the protocol).
@@ -169,12 +173,14 @@ def run_logreg(
         seed: bootstrap seed, seed of a carved validation split and of the out-of-fold folds.
         val_fraction: share of train patients carved into validation when C is selected and the
             store has no val split.
+        allow_partial: probe a set whose extraction has not finished (pending rows left out,
+            counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
     """
-    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate)
+    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate, allow_partial)
     scored, data = logreg_scores(data, C, C_grid, val_fraction=val_fraction, seed=seed)
     run = _context(data, "logreg")
     base = {"seed": int(seed), "n_train": scored.n_fit}

@@ -297,8 +297,10 @@ def test_pending_rows_are_not_used(tmp_path):
     status = fs.status
     status[fs.splits == "test"] = 0  # as if the test shards had not been written yet
     fs.group["status"][:] = status
+    with pytest.raises(FeatcacheError, match="12 of 60 row.* still pending.*--allow-partial"):
+        load_probe_data(s["cache"])  # a set still being written is refused by default
     with pytest.raises(FeatcacheError, match="no usable test rows.*0 of them extracted"):
-        load_probe_data(s["cache"])
+        load_probe_data(s["cache"], allow_partial=True)  # and even allowed, pending rows are never used
 
 
 def test_check_same_test(tmp_path):
@@ -320,3 +322,18 @@ def test_check_same_test(tmp_path):
         check_same_test(a, d)
     with pytest.raises(FeatcacheError, match="different labels"):
         check_same_test(a, load_probe_data(s["cache"], "toy/other/32", labels=["nodule"]))
+
+
+def test_allow_partial_probes_the_finished_rows_and_says_how_many_are_missing(tmp_path):
+    from probes.run import run_knn
+
+    s = build_store(tmp_path)
+    fs = FeatureStore(s["cache"], mode="a").open_set()
+    status = fs.status
+    status[np.flatnonzero(fs.splits == "train")[:4]] = 0
+    fs.group["status"][:] = status
+    with pytest.raises(FeatcacheError, match="still pending"):
+        run_knn(s["cache"], k=(3,), n_boot=10)
+    rows = run_knn(s["cache"], k=(3,), n_boot=10, allow_partial=True)
+    assert all(r["params"]["pending_rows"] == 4 for r in rows)
+    assert rows[0]["n_train"] == int(((fs.splits == "train") | (fs.splits == "val")).sum()) - 4
