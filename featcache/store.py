@@ -68,6 +68,20 @@ def _local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url)
 
 
+def _open_root(url: str, mode: str) -> zarr.Group:
+    """The store's root group. Several workers starting together may all find no root and create it
+    at once: the losers of that race (zarr raises as another process's zarr.json appears) open the
+    winner's root instead."""
+    for attempt in range(5):
+        try:
+            return zarr.open_group(url, mode=mode, zarr_format=3)
+        except Exception:
+            if mode != "a" or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class FeatureStore:
     """A Zarr v3 group holding feature sets.
 
@@ -92,7 +106,7 @@ class FeatureStore:
             )
         try:
             with write_errors(f"{self.url}: opening the feature store"):
-                self.root = zarr.open_group(self.url, mode=mode, zarr_format=3)
+                self.root = _open_root(self.url, mode)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: no feature store here; run `featcache extract` first") from None
         except StoreError:
