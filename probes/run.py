@@ -83,6 +83,7 @@ def run_knn(
     n_boot: int = 1000,
     seed: int = 0,
     out: str | os.PathLike | None = None,
+    by: str | Sequence[str] | None = None,
 ) -> list[dict]:
     """Weighted kNN probe, ``dinov2/eval/knn.py`` (every k from one search), evaluated on test.
 
@@ -106,6 +107,7 @@ def run_knn(
         n_boot: bootstrap draws for the CIs.
         seed: bootstrap seed and seed of the out-of-fold folds.
         out: JSON-lines file to append the rows to.
+        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.subgroups`).
 
     Returns:
         The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
@@ -128,7 +130,7 @@ def run_knn(
     entries = []
     for kk in ks:
         base = {"k": kk, "seed": int(seed), "n_train": scored[kk].n_fit}
-        entries += evaluate_scores(data, scored[kk], base, params, n_boot, seed)
+        entries += evaluate_scores(data, scored[kk], base, params, n_boot, seed, by=by)
     return _finish(entries, run, out)
 
 
@@ -149,6 +151,7 @@ def run_logreg(
     seed: int = 0,
     val_fraction: float = 0.2,
     out: str | os.PathLike | None = None,
+    by: str | Sequence[str] | None = None,
 ) -> list[dict]:
     """Logistic-regression (linear) probe, evaluated on test (:mod:`probes.fit` for the protocol).
 
@@ -170,6 +173,7 @@ def run_logreg(
         val_fraction: share of train patients carved into validation when C is selected and the
             store has no val split.
         out: JSON-lines file to append the rows to.
+        by: subgroup columns (:mod:`probes.subgroups`).
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
@@ -181,5 +185,5 @@ def run_logreg(
     params = dict(run["params"])
     if C is None:
         params["C_grid"] = [float(c) for c in np.sort(np.asarray(C_grid, dtype=np.float64))]
-    entries = evaluate_scores(data, scored, base, params, n_boot, seed)
+    entries = evaluate_scores(data, scored, base, params, n_boot, seed, by=by)
     return _finish(entries, run, out)
