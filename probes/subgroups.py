@@ -307,3 +307,32 @@ def _gap_entries(data, sc, Y, S, g: Grouping, base, params, counts, inverse, n_b
         if two:
             e["p"] = _p_two_sided(d)
     return out
+
+
+def subgroup_lines(rows: list[dict]) -> list[str]:
+    """Console lines: mean AUROC per subgroup and its gap, and rows left out of every group (once).
+
+    Rows of several k (kNN) show the largest k.
+    """
+    ks = [r["k"] for r in rows if r.get("k") is not None]
+    rows = [r for r in rows if not ks or r.get("k") == max(ks)]
+    lines, said = [], set()
+    for r in rows:
+        p = r.get("params") or {}
+        col = p.get("subgroup_by")
+        if not col or r.get("label") != "mean":
+            continue
+        if p.get("subgroup_left_out") and col not in said:
+            said.add(col)
+            lines.append(
+                f"note: {col}: {p['subgroup_left_out']} test rows in no group (blank or outside the bands)"
+            )
+        v = "n/a" if r.get("value") is None else f"{r['value']:.3f}"
+        ci = f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
+        if r["metric"] == "auroc" and p.get("subgroup"):
+            (value,) = p["subgroup"].values()
+            lines.append(f"{col}={value}: mean AUROC {v}{ci} ({r.get('n_test')} images)")
+        elif r["metric"] == "auroc_gap":
+            pv = f", p {r['p']:.3g}" if r.get("p") is not None else ""
+            lines.append(f"{col}: mean AUROC gap ({p.get('gap')}) {v}{ci}{pv}")
+    return lines
