@@ -211,26 +211,31 @@ def average_precision_rows(y, scores, sample_weight=None) -> np.ndarray:
 
     Args:
         y: labels 0/1 (NaN = missing, left out), [n] shared by all rows or [E, n].
-        scores: float [E, n].
+        scores: float [E, n], or [n] shared by every row of ``sample_weight`` [E, n] (sorted once:
+            the bootstrap's case).
         sample_weight: optional non-negative float [n] or [E, n].
 
     Returns:
         float64 [E]; NaN for a row without positive weight.
     """
     s = _finite_scores(scores)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if s.ndim == 1:
+        return _ap_shared(_binary_labels(y), s, w)
+    E = len(s)
     if s.ndim != 2:
-        raise ValueError(f"scores must be 2-D [E, n], got shape {s.shape}")
+        raise ValueError(f"scores must be [E, n] or [n], got shape {s.shape}")
+    n = s.shape[1]
     yy = _binary_labels(y)
-    if yy.shape not in ((s.shape[1],), s.shape):
-        raise ValueError(f"y has shape {yy.shape}, expected ({s.shape[1]},) or {s.shape}")
+    if yy.shape not in ((n,), (E, n)):
+        raise ValueError(f"y has shape {yy.shape}, expected ({n},) or {(E, n)}")
     order = np.argsort(-s, axis=1, kind="stable")
     s_sorted = np.take_along_axis(s, order, axis=1)
     y_sorted = yy[order] if yy.ndim == 1 else np.take_along_axis(yy, order, axis=1)
-    if sample_weight is None:
-        w_sorted = np.ones(s.shape)
+    if w is None:
+        w_sorted = np.ones((E, n))
     else:
-        w = np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), s.shape)
-        w_sorted = np.take_along_axis(w, order, axis=1)
+        w_sorted = np.take_along_axis(np.broadcast_to(w, (E, n)), order, axis=1)
     pos = np.where(y_sorted == 1, w_sorted, 0.0)
     neg = np.where(y_sorted == 0, w_sorted, 0.0)
     tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
@@ -241,6 +246,30 @@ def average_precision_rows(y, scores, sample_weight=None) -> np.ndarray:
         precision = np.where(pos > 0, tp / (tp + fp), 0.0)
         out = np.einsum("ij,ij->i", pos, precision) / pos.sum(axis=1)
     out[pos.sum(axis=1) <= 0] = np.nan
+    return out
+
+
+def _ap_shared(yy: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Average precision of one score vector s [n] under weightings w [E, n] (or [n] / None):
+    sorted once, weights summed per tie group (one threshold each), then cumulated."""
+    if yy.shape != s.shape:
+        raise ValueError(f"y has shape {yy.shape}, expected {s.shape}")
+    w = np.ones((1, len(s))) if w is None else np.atleast_2d(w)
+    if w.shape[1] != len(s):
+        raise ValueError(f"sample_weight has {w.shape[1]} columns, expected {len(s)}")
+    known = ~np.isnan(yy)
+    order = np.flatnonzero(known)[np.argsort(-s[known], kind="stable")]
+    if not len(order):
+        return np.full(len(w), np.nan)
+    ss, is_pos = s[order], (yy[order] == 1).astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    wo = w[:, order]
+    posw = np.add.reduceat(wo * is_pos, starts, axis=1)
+    allw = np.add.reduceat(wo, starts, axis=1)
+    tp, seen = np.cumsum(posw, axis=1), np.cumsum(allw, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.einsum("ij,ij->i", posw, np.where(posw > 0, tp / seen, 0.0)) / tp[:, -1]
+    out[tp[:, -1] <= 0] = np.nan
     return out
 
 
@@ -259,7 +288,7 @@ def average_precision(y_true, score, sample_weight=None) -> float:
     if s.ndim != 1:
         raise ValueError(f"score must be 1-D [n], got shape {s.shape}")
     w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    return float(average_precision_rows(y_true, s[None, :], w)[0])
+    return float(average_precision_rows(y_true, s, w)[0])
 
 
 def average_precision_per_label(Y, S) -> np.ndarray:

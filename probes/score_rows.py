@@ -61,11 +61,10 @@ def metric_value(metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins:
         return calibration.brier_rows(y, s, w)
     if not len(y):
         return np.full(len(w), np.nan)
-    S = np.broadcast_to(s, w.shape)
     if metric == "auprc":
-        return metrics.average_precision_rows(y, S, w)
+        return metrics.average_precision_rows(y, s, w)  # scores sorted once for every weighting
     if metric == "auroc":
-        return metrics.auroc_rows(y, np.ascontiguousarray(S), w)
+        return metrics.auroc_rows(y, np.ascontiguousarray(np.broadcast_to(s, w.shape)), w)
     raise ValueError(f"unknown metric {metric!r}")
 
 
