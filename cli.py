@@ -1005,6 +1005,20 @@ def _echo_header(rows: list[dict], what: str) -> None:
     )
 
 
+_BY_HELP = (
+    "Also report every metric per subgroup of meta_* columns, and the gap between groups, e.g. "
+    "meta_sex,meta_view or meta_age:0,40,60,80 (numeric columns: given bands, else quartiles)."
+)
+
+
+def _echo_by(rows: list[dict], by: str | None) -> None:
+    if by:
+        from probes.subgroups import subgroup_lines
+
+        for line in subgroup_lines(rows):
+            click.echo(line)
+
+
 @probes.command()
 @_probe_data_options
 @click.option("--k", "k", default="10,20,100,200", show_default=True, help="Neighbour counts (one search).")
@@ -1020,11 +1034,12 @@ def _echo_header(rows: list[dict], what: str) -> None:
     "each k's own neighbours; mlknn: ML-kNN (multi-label).",
 )
 @click.option("--s", "s", default=1.0, show_default=True, type=float, help="ML-kNN Laplace smoothing.")
+@click.option("--by", help=_BY_HELP)
 @_no_carve_options
 @_one_line_errors
 def knn(
-    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, n_boot,
-    seed,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, by,
+    n_boot, seed,
 ) -> None:  # fmt: skip
     """kNN probe (dinov2 knn.py by default, or ML-kNN): AUROC per label and mean, with patient CIs.
 
@@ -1035,14 +1050,15 @@ def knn(
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature, method=method, s=s,
         labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
-        out=out, aggregate=aggregate, allow_partial=allow_partial,
+        out=out, aggregate=aggregate, allow_partial=allow_partial, by=by,
     )  # fmt: skip
     _echo_header(rows, "mlknn" if method == "mlknn" else f"knn vote={method}")
     _echo_protocol(rows)
     click.echo(f"{'k':>5}  mean AUROC [95% CI]")
     for r in rows:
-        if r["label"] == "mean" and r["metric"] == "auroc":
+        if r["label"] == "mean" and r["metric"] == "auroc" and "subgroup" not in r["params"]:
             click.echo(f"{r['k']:>5}  {_fmt_ci(r)}")
+    _echo_by(rows, by)
     _echo_notes(rows)
     _echo_written(rows, out)
 
@@ -1051,10 +1067,11 @@ def knn(
 @_probe_data_options
 @click.option("--C", "C", type=float, help="Fixed inverse regularisation [default: chosen on val per label].")
 @click.option("--C-grid", "C_grid", help="Candidate C values, e.g. 1e-4,1e-2,1,100 [default: 1e-6..1e5].")
+@click.option("--by", help=_BY_HELP)
 @_bootstrap_options
 @_one_line_errors
 def logreg(
-    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, C, C_grid, n_boot, seed,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, C, C_grid, by, n_boot, seed,
     val_fraction,
 ) -> None:  # fmt: skip
     """Logistic-regression probe, C chosen on validation only: AUROC per label and mean, with CIs.
@@ -1068,15 +1085,16 @@ def logreg(
     rows = run_logreg(
         cache, set_name, features=features, C=C, C_grid=grid, labels=_csv_list(labels) or None,
         uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out, aggregate=aggregate,
-        allow_partial=allow_partial,
+        allow_partial=allow_partial, by=by,
     )  # fmt: skip
     _echo_header(rows, "logreg")
     _echo_protocol(rows)
     click.echo(f"{'label':24} {'C':>8}  AUROC [95% CI]")
     for r in rows:
-        if r["metric"] == "auroc":
+        if r["metric"] == "auroc" and "subgroup" not in r["params"]:
             c = f"{r['C']:g}" if r.get("C") is not None else "-"
             click.echo(f"{r['label']:24} {c:>8}  {_fmt_ci(r)}")
+    _echo_by(rows, by)
     _echo_notes(rows)
     _echo_written(rows, out)
 
@@ -1254,6 +1272,76 @@ def report(
     click.echo(text.rstrip("\n"))
     for note in notes:
         click.echo(f"note: {note}", err=True)
+
+
+@probes.command()
+@click.option("--cache", required=True, help="Feature store of the train set (and of the test set).")
+@click.option("--train-set", required=True, help="Set the probe is fitted on, e.g. nih/dinov3-vitb16/512.")
+@click.option("--test-set", required=True, help="External set scored, e.g. chexpert/dinov3-vitb16/512.")
+@click.option("--test-cache", help="Store of the test set when it is another one [default: --cache].")
+@click.option(
+    "--test-split",
+    default="test",
+    show_default=True,
+    type=click.Choice(["test", "all"]),
+    help="Score the external set's test split, or all its rows.",
+)
+@click.option(
+    "--probe", "probe_name", default="logreg", show_default=True, type=click.Choice(["logreg", "knn"])
+)
+@click.option(
+    "--features", default="cls", show_default=True, help="cls, pooled, cls+pooled, layer_cls:-1 ..."
+)
+@click.option("--labels", help="Comma-separated shared labels [default: every label both sets have].")
+@click.option(
+    "--uncertain", default="ignore", show_default=True, type=click.Choice(["ignore", "zeros", "ones"])
+)
+@click.option("--k", "k", default="10,20,100,200", show_default=True, help="kNN neighbour counts.")
+@click.option(
+    "--method", default="dinov2", show_default=True, type=click.Choice(["dinov2", "renormalized", "mlknn"])
+)
+@click.option("--C", "C", type=float, help="Fixed logreg C [default: chosen on the train set's val].")
+@click.option("--C-grid", "C_grid", help="Candidate C values [default: 1e-6..1e5].")
+@click.option("--by", help=_BY_HELP)
+@click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
+@_bootstrap_options
+@_one_line_errors
+def external(
+    cache, train_set, test_set, test_cache, test_split, probe_name, features, labels, uncertain, k, method, C,
+    C_grid, by, out, n_boot, seed, val_fraction,
+) -> None:  # fmt: skip
+    """External validation: fit on one set's train (+ val) rows, score another set, shared labels only.
+
+    Example: probes external --cache cache/ --train-set nih/m/512 --test-set chexpert/m/512 --out results.jsonl
+    """
+    from probes.external import external_lines, run_external
+    from probes.logreg import DEFAULT_C_GRID
+
+    rows = run_external(
+        cache, train_set, test_set, probe=probe_name, features=features, labels=_csv_list(labels) or None,
+        uncertain=uncertain, k=_int_list(k, "--k"), method=method, C=C,
+        C_grid=_float_list(C_grid, "--C-grid") if C_grid else DEFAULT_C_GRID, val_fraction=val_fraction,
+        test_split=test_split, test_cache=test_cache, by=by, n_boot=n_boot, seed=seed, out=out,
+    )  # fmt: skip
+    _echo_header(rows, f"external {probe_name}")
+    for line in external_lines(rows):
+        click.echo(line)
+    _echo_protocol(rows)
+    ks = [r["k"] for r in rows if r.get("k") is not None]
+    click.echo(
+        f"{'label':24} {'AUROC [95% CI]':24} {'AUPRC [95% CI]':24}" + (f"  (k={max(ks)})" if ks else "")
+    )
+    for r in rows:
+        if r["metric"] == "auroc" and "subgroup" not in r["params"] and (not ks or r.get("k") == max(ks)):
+            ap = next(
+                x for x in rows
+                if x["metric"] == "auprc" and x["label"] == r["label"] and x.get("k") == r.get("k")
+                and "subgroup" not in x["params"]
+            )  # fmt: skip
+            click.echo(f"{r['label']:24} {_fmt_ci(r):24} {_fmt_ci(ap):24}")
+    _echo_by(rows, by)
+    _echo_notes(rows)
+    _echo_written(rows, out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -244,6 +244,7 @@ def load_probe_data(
     seed: int = 0,
     aggregate: str | None = None,
     allow_partial: bool = False,
+    require_test: bool = True,
 ) -> ProbeData:
     """Load one feature set's features and targets, split into train / val / test.
 
@@ -258,6 +259,8 @@ def load_probe_data(
         seed: seed of that carving.
         aggregate: ``mean`` or ``max`` to pool slice features per volume (the ``meta_volume`` column
             written by ``featcache volumes``): each volume becomes one sample; None keeps rows as they are.
+        require_test: refuse a set without test rows (False: a set that only trains a probe scored
+            elsewhere, as in external validation).
         allow_partial: probe a set whose extraction has not finished (pending rows are left out,
             and ``context["pending_rows"]`` counts them).
 
@@ -277,7 +280,7 @@ def load_probe_data(
     splits = fs.splits
     ok = fs.ok
     keep = {s: np.flatnonzero(ok & has_target & (splits == s)) for s in SPLITS}
-    for s in ("train", "test"):
+    for s in ("train", "test") if require_test else ("train",):
         if not len(keep[s]):
             n_split = int((splits == s).sum())
             raise FeatcacheError(

@@ -14,6 +14,15 @@ summary over labels):
   rest on the class probability.
 - Multi-class only: ``accuracy`` and ``balanced_accuracy`` of the arg-max class, with CIs (label
   ``mean``).
+- ``auprc`` (average precision, as ``sklearn.metrics.average_precision_score``), ``ece`` (10
+  equal-width bins, ``params.ece_bins``; ``params.reliability`` holds the bins' counts, mean
+  probabilities and fractions of positives) and ``brier`` per label and ``mean``, with patient CIs
+  from the same draws (:mod:`probes.score_rows`, :mod:`probes.calibration`). Calibration rows say
+  what the scores are (``params.calibration_of``): ``probability`` for logistic regression, the
+  renormalised kNN vote and ML-kNN; the dinov2 kNN vote at a k below its softmax window is a
+  partial vote mass (it sums to less than 1) and says so.
+- With ``by`` (e.g. ``meta_sex,meta_age:0,40,60,80``), every metric again per subgroup
+  (``params.subgroup``) and the gap between the groups (:mod:`probes.subgroups`).
 
 This module does not import torch.
 """
@@ -29,9 +38,11 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from . import metrics
+from .calibration import DEFAULT_BINS
 from .data import ProbeData, load_probe_data
 from .fit import Scored
 from .results import RESULT_FIELDS, append_jsonl, make_rows
+from .score_rows import score_entries
 from .stats import bootstrap_ci
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
@@ -100,8 +111,10 @@ def evaluate_scores(
     params: dict[str, Any],
     n_boot: int,
     seed: int,
+    by: str | None = None,
+    n_bins: int = DEFAULT_BINS,
 ) -> list[dict[str, Any]]:
-    """Metric entries of one fitted probe.
+    """Metric entries of one fitted probe (the metrics of the module docstring).
 
     Every entry whose value is null says why in ``params.skipped``; every missing CI says why in
     ``params.ci``.
@@ -115,6 +128,8 @@ def evaluate_scores(
         params: the run's params (merged into each entry's ``params``).
         n_boot: bootstrap draws.
         seed: bootstrap seed.
+        by: subgroup columns (:func:`probes.subgroups.parse_by`), or None.
+        n_bins: ECE bins.
 
     Returns:
         Entries for :func:`probes.results.make_rows`.
@@ -242,7 +257,40 @@ def evaluate_scores(
                 n_patients_test=int(len(np.unique(patients))),
                 **_ci_fields(ci, n_boot),
             )
+    not_fitted = [
+        None
+        if fitted[j]
+        else (label_extra[j].get("params") or {}).get("skipped", "the probe could not be fitted")
+        for j in range(L)
+    ]
+    cal = _calibration_of(base, params)
+    for e in score_entries(
+        Y, S, patients, names, not_fitted, n_boot, seed, n_bins=n_bins, calibration_of=cal
+    ):
+        label, metric, value, p = e.pop("label"), e.pop("metric"), e.pop("value"), e.pop("params")
+        if label == "mean":
+            counts = {"n_test": len(data.test), "n_patients_test": int(len(np.unique(patients)))}
+            entry(label, metric, value, **counts, **e, params=p)
+            continue
+        known = ~np.isnan(Y[:, names.index(label)])
+        counts = {"n_test": int(known.sum()), "n_patients_test": int(len(np.unique(patients[known])))}
+        entry(label, metric, value, label_extra[names.index(label)], **counts, **e, params=p)
+    if by:
+        from .subgroups import subgroup_entries
+
+        entries += subgroup_entries(data, sc, base, params, n_boot, seed, by, n_bins=n_bins)
     return entries
+
+
+def _calibration_of(base: dict[str, Any], params: dict[str, Any]) -> str:
+    """What the scores of a run are, for the calibration rows (``params.calibration_of``)."""
+    k, window = base.get("k"), params.get("softmax_k")
+    if params.get("vote") == "dinov2" and k is not None and window is not None and k < window:
+        return (
+            f"partial vote mass (dinov2 vote: softmax over the {window} nearest, summed over the first "
+            f"{k}: the scores sum to less than 1; --method renormalized gives probabilities)"
+        )
+    return "probability"
 
 
 def _ci_fields(ci, n_boot: int) -> dict[str, Any]:

@@ -11,6 +11,11 @@ Conventions shared by every function here:
   and no positive prediction, anything on zero rows) is NaN, never an exception, so that means over
   labels, seeds and bootstrap draws can skip it.
 
+Average precision (:func:`average_precision`, the area under the precision-recall curve as
+``sklearn.metrics.average_precision_score`` computes it: ``sum_n (R_n - R_{n-1}) P_n`` over the
+distinct score thresholds, no interpolation) is defined whenever a positive is present; it is NaN
+without positives. Calibration metrics (ECE, Brier) are in :mod:`probes.calibration`.
+
 AUROC is computed from ranks (the Mann-Whitney statistic), tied scores counting one half, so it
 equals ``sklearn.metrics.roc_auc_score``. :func:`auroc_rows` evaluates many score vectors at once
 (one ``argsort`` per row, the rest vectorised) and accepts per-row sample weights, which is how the
@@ -29,10 +34,14 @@ __all__ = [
     "auroc_ovr",
     "auroc_per_label",
     "auroc_rows",
+    "average_precision",
+    "average_precision_per_label",
+    "average_precision_rows",
     "balanced_accuracy",
     "binary_metrics",
     "f1",
     "mean_auroc",
+    "mean_average_precision",
     "one_hot",
     "sensitivity_specificity",
     "youden_threshold",
@@ -191,6 +200,109 @@ def mean_auroc(Y, S) -> float:
         The mean over defined labels; NaN when no label is defined.
     """
     return _nanmean(auroc_per_label(Y, S))
+
+
+def average_precision_rows(y, scores, sample_weight=None) -> np.ndarray:
+    """Average precision of many score vectors at once (e.g. every bootstrap draw of one label).
+
+    ``AP = sum_t (R_t - R_{t-1}) P_t`` over the distinct thresholds t (scores, descending), with
+    precision P_t and recall R_t of "score >= t": ``sklearn.metrics.average_precision_score``.
+    Tied scores form one threshold. A weight of 2 counts a row twice.
+
+    Args:
+        y: labels 0/1 (NaN = missing, left out), [n] shared by all rows or [E, n].
+        scores: float [E, n], or [n] shared by every row of ``sample_weight`` [E, n] (sorted once:
+            the bootstrap's case).
+        sample_weight: optional non-negative float [n] or [E, n].
+
+    Returns:
+        float64 [E]; NaN for a row without positive weight.
+    """
+    s = _finite_scores(scores)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if s.ndim == 1:
+        return _ap_shared(_binary_labels(y), s, w)
+    E = len(s)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [E, n] or [n], got shape {s.shape}")
+    n = s.shape[1]
+    yy = _binary_labels(y)
+    if yy.shape not in ((n,), (E, n)):
+        raise ValueError(f"y has shape {yy.shape}, expected ({n},) or {(E, n)}")
+    order = np.argsort(-s, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    y_sorted = yy[order] if yy.ndim == 1 else np.take_along_axis(yy, order, axis=1)
+    if w is None:
+        w_sorted = np.ones((E, n))
+    else:
+        w_sorted = np.take_along_axis(np.broadcast_to(w, (E, n)), order, axis=1)
+    pos = np.where(y_sorted == 1, w_sorted, 0.0)
+    neg = np.where(y_sorted == 0, w_sorted, 0.0)
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    _, last = _tie_bounds(s_sorted)
+    if last is not None:  # precision of a tie group is taken at its end (one threshold)
+        tp, fp = np.take_along_axis(tp, last, axis=1), np.take_along_axis(fp, last, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(pos > 0, tp / (tp + fp), 0.0)
+        out = np.einsum("ij,ij->i", pos, precision) / pos.sum(axis=1)
+    out[pos.sum(axis=1) <= 0] = np.nan
+    return out
+
+
+def _ap_shared(yy: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Average precision of one score vector s [n] under weightings w [E, n] (or [n] / None):
+    sorted once, weights summed per tie group (one threshold each), then cumulated."""
+    if yy.shape != s.shape:
+        raise ValueError(f"y has shape {yy.shape}, expected {s.shape}")
+    w = np.ones((1, len(s))) if w is None else np.atleast_2d(w)
+    if w.shape[1] != len(s):
+        raise ValueError(f"sample_weight has {w.shape[1]} columns, expected {len(s)}")
+    known = ~np.isnan(yy)
+    order = np.flatnonzero(known)[np.argsort(-s[known], kind="stable")]
+    if not len(order):
+        return np.full(len(w), np.nan)
+    ss, is_pos = s[order], (yy[order] == 1).astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    wo = w[:, order]
+    posw = np.add.reduceat(wo * is_pos, starts, axis=1)
+    allw = np.add.reduceat(wo, starts, axis=1)
+    tp, seen = np.cumsum(posw, axis=1), np.cumsum(allw, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.einsum("ij,ij->i", posw, np.where(posw > 0, tp / seen, 0.0)) / tp[:, -1]
+    out[tp[:, -1] <= 0] = np.nan
+    return out
+
+
+def average_precision(y_true, score, sample_weight=None) -> float:
+    """Average precision of one binary label (equals ``sklearn.metrics.average_precision_score``).
+
+    Args:
+        y_true: labels 0/1 [n] (NaN = missing, left out).
+        score: float [n].
+        sample_weight: optional non-negative float [n].
+
+    Returns:
+        AP in [0, 1]; NaN when no positive is present (scikit-learn warns and returns 0 there).
+    """
+    s = np.asarray(score, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"score must be 1-D [n], got shape {s.shape}")
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    return float(average_precision_rows(y_true, s, w)[0])
+
+
+def average_precision_per_label(Y, S) -> np.ndarray:
+    """Average precision of each label: float64 [L] for Y 0/1 (NaN missing) and S float [n, L]."""
+    Y = np.asarray(Y)
+    S = np.asarray(S, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != S.shape:
+        raise ValueError(f"Y and S must both be [n, L], got {Y.shape} and {S.shape}")
+    return np.array([average_precision(Y[:, j], S[:, j]) for j in range(Y.shape[1])])
+
+
+def mean_average_precision(Y, S) -> float:
+    """Mean average precision over the labels with a positive (Y [n, L], S [n, L]); NaN if none."""
+    return _nanmean(average_precision_per_label(Y, S))
 
 
 def _nanmean(a: np.ndarray) -> float:

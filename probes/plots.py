@@ -43,7 +43,10 @@ _METRIC_NAMES = {
     "dice": "Dice",
     "jaccard": "Jaccard",
     "dice_jaccard_mean": "mean of Dice and Jaccard",
-    "hd95": "HD95 (px)",
+    "hd95": "HD95",
+    "auprc": "AUPRC",
+    "ece": "ECE",
+    "brier": "Brier score",
 }
 _FIGSIZE = (6.4, 4.4)  # inches
 _DPI = 150  # so a plot is 960 x 660 pixels

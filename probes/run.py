@@ -84,6 +84,7 @@ def run_knn(
     seed: int = 0,
     allow_partial: bool = False,
     out: str | os.PathLike | None = None,
+    by: str | Sequence[str] | None = None,
 ) -> list[dict]:
     """Weighted kNN probe, ``dinov2/eval/knn.py`` (every k from one search), evaluated on test.
 
@@ -109,6 +110,7 @@ def run_knn(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
+        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.subgroups`).
 
     Returns:
         The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
@@ -131,7 +133,7 @@ def run_knn(
     entries = []
     for kk in ks:
         base = {"k": kk, "seed": int(seed), "n_train": scored[kk].n_fit}
-        entries += evaluate_scores(data, scored[kk], base, params, n_boot, seed)
+        entries += evaluate_scores(data, scored[kk], base, params, n_boot, seed, by=by)
     return _finish(entries, run, out)
 
 
@@ -153,6 +155,7 @@ def run_logreg(
     val_fraction: float = 0.2,
     allow_partial: bool = False,
     out: str | os.PathLike | None = None,
+    by: str | Sequence[str] | None = None,
 ) -> list[dict]:
     """Logistic-regression (linear) probe, evaluated on test (:mod:`probes.fit` for the protocol).
 
@@ -176,6 +179,7 @@ def run_logreg(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
+        by: subgroup columns (:mod:`probes.subgroups`).
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
@@ -187,5 +191,5 @@ def run_logreg(
     params = dict(run["params"])
     if C is None:
         params["C_grid"] = [float(c) for c in np.sort(np.asarray(C_grid, dtype=np.float64))]
-    entries = evaluate_scores(data, scored, base, params, n_boot, seed)
+    entries = evaluate_scores(data, scored, base, params, n_boot, seed, by=by)
     return _finish(entries, run, out)

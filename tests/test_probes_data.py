@@ -337,3 +337,19 @@ def test_allow_partial_probes_the_finished_rows_and_says_how_many_are_missing(tm
     rows = run_knn(s["cache"], k=(3,), n_boot=10, allow_partial=True)
     assert all(r["params"]["pending_rows"] == 4 for r in rows)
     assert rows[0]["n_train"] == int(((fs.splits == "train") | (fs.splits == "val")).sum()) - 4
+
+
+def relabel(s: dict, labels: np.ndarray, name: str | None = None) -> None:
+    """Give a test store new label values the way a user does: a new manifest, taken without
+    re-embedding (the features are kept; the recorded manifest digest follows the new columns)."""
+    import csv as _csv
+
+    with open(s["manifest"], newline="") as f:
+        rows = list(_csv.DictReader(f))
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    for j, lab in enumerate(LABELS):
+        cols[lab] = [("" if np.isnan(v) else str(int(v))) for v in labels[:, j]]
+    csv_path = write_manifest(s["manifest"], cols)
+    fs = FeatureStore(s["cache"], mode="a").open_set(name or s["name"])
+    m = read_manifest(csv_path, check_files=False)
+    assert fs.needs_manifest(m) and fs.replace_manifest(m)

@@ -13,7 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
-from test_probes_data import LABELS, build_store
+from test_probes_data import LABELS, build_store, relabel
 
 from featcache.errors import FeatcacheError
 from probes.data import load_probe_data
@@ -219,7 +219,7 @@ def test_logreg_labels_that_cannot_be_fitted_or_tuned(tmp_path):
     fs = FeatureStore(s["cache"], mode="a").open_set()
     labels = fs.labels
     labels[fs.splits == "val", 1] = 0
-    fs.group["labels"][:] = labels
+    relabel(s, labels)
     rows = run_logreg(s["cache"], C_grid=(0.01, 1.0), n_boot=20)
     nodule = _pick(rows, label="nodule", metric="auroc")
     effusion = _pick(rows, label="effusion", metric="auroc")
@@ -227,7 +227,7 @@ def test_logreg_labels_that_cannot_be_fitted_or_tuned(tmp_path):
     assert effusion["params"]["C_from"] == "val"
 
     labels[fs.splits == "train", 1] = 1  # one class in train: no fit possible, said so
-    fs.group["labels"][:] = labels
+    relabel(s, labels)
     rows = run_logreg(s["cache"], C_grid=(0.01, 1.0), n_boot=20)
     nodule = _pick(rows, label="nodule", metric="auroc")
     assert nodule["value"] is None and "positives" in nodule["params"]["skipped"]
@@ -420,17 +420,15 @@ def test_episodes_file_merges_runs_and_reruns_on_another_backbone(tmp_path):
     )
     assert [r["value"] for r in rerun] == [r["value"] for r in first]
 
-    # episodes whose targets no longer match the labels (another uncertain policy) are refused
-    from featcache.store import FeatureStore
-
-    ep = runs[0]["episodes"][0]
-    negative = ep["support_ids"][ep["targets"].index(0)]
-    fs = FeatureStore(s["cache"], mode="a").open_set(s["name"])
-    raw = fs.labels
-    raw[list(fs.ids).index(negative), LABELS.index(ep["label"])] = -1
-    fs.group["labels"][:] = raw
+    # episodes whose targets no longer match the labels here (drawn under another uncertain policy)
+    # are refused: an episodes file whose recorded targets disagree with the set's labels
+    path = tmp_path / "r.jsonl.episodes.json"
+    doc = json.loads(path.read_text())
+    ep = doc["runs"][0]["episodes"][0]
+    ep["targets"][0] = 1 - ep["targets"][0]
+    path.write_text(json.dumps(doc))
     with pytest.raises(FeatcacheError, match="--uncertain policy"):
-        run_fewshot(s["cache"], s["name"], uncertain="ones", episodes_from=tmp_path / "r.jsonl.episodes.json")
+        run_fewshot(s["cache"], s["name"], episodes_from=path)
 
 
 def test_compare_headline_p_is_patient_level(tmp_path):
