@@ -239,26 +239,40 @@ def batched_lbfgs(
     max_iter: int = 1000,
     tol: float = 1e-6,
     memory: int = 10,
-) -> np.ndarray:
+    ftol: float = 64 * np.finfo(np.float64).eps,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Minimise B independent smooth convex problems together, each with its own L-BFGS state.
 
-    Every problem keeps its own curvature history, step length (Armijo backtracking) and
-    stopping test, so it converges as a separate L-BFGS run would; only the function
-    evaluations are batched, which turns B matrix-vector products into one matrix-matrix
-    product. A problem stops when every entry of its gradient is below ``tol`` (scipy's
-    ``gtol``), when its objective stops decreasing (relative change under 64 machine epsilons,
-    scipy's ``ftol`` as scikit-learn sets it), or when its line search fails.
+    Every problem keeps its own curvature history, step length and stopping test, so it
+    converges as a separate L-BFGS run would; only the function evaluations are batched, which
+    turns B matrix-vector products into one matrix-matrix product.
+
+    Step acceptance (backtracking from t = 1): the Armijo test, or, once objective differences
+    are at rounding level, the approximate Wolfe test of Hager and Zhang (2005): the objective
+    rises by at most ``1e-11 |f|`` and the slope along the step lies in ``[0.9, -0.8]`` times the
+    initial slope. The second test lets the gradient keep shrinking after ``f`` can no longer
+    resolve progress, which is what a tight gradient tolerance needs at weak regularisation.
+
+    A problem stops when every entry of its gradient is at most ``tol`` (scipy's ``gtol``,
+    the convergence test), after ``max_iter`` iterations, when its objective changes by under
+    ``ftol`` relative (scipy's ``ftol`` as scikit-learn sets it; ``ftol=0`` disables this stop),
+    or when the line search fails twice in a row (once the curvature memory is cleared).
 
     Args:
         fun: ``fun(x, rows) -> (f float64 [b], g float64 [b, P])`` evaluating the problems
             ``rows`` (int [b]) at ``x`` (float64 [b, P]).
         x0: float64 [B, P] starting points.
         max_iter: iterations at most.
-        tol: gradient tolerance.
+        tol: gradient tolerance (max-norm).
         memory: curvature pairs kept.
+        ftol: relative objective change under which a problem stops; 0 stops on the gradient,
+            ``max_iter`` or line-search failure only.
+        return_info: also return the iteration counts and convergence flags.
 
     Returns:
-        float64 [B, P] solutions.
+        float64 [B, P] solutions; with ``return_info``, ``(x, n_iter int64 [B], converged bool [B])``
+        where ``converged`` means the gradient test was met.
     """
     x = np.array(x0, dtype=np.float64)
     B, P = x.shape
@@ -269,10 +283,12 @@ def batched_lbfgs(
     rho = np.zeros((memory, B))
     gamma = 1.0 / np.maximum(np.linalg.norm(g, axis=1), 1.0)
     active = np.abs(g).max(1) > tol
-    ftol = 64 * np.finfo(np.float64).eps
+    n_iter = np.zeros(B, dtype=np.int64)
+    retried = np.zeros(B, dtype=bool)  # the last line search failed and the memory was cleared
     for it in range(max_iter):
         if not active.any():
             break
+        n_iter += active
         # Two-loop recursion, newest pair first; skipped updates are zero pairs and drop out.
         q = g.copy()
         a = np.zeros((memory, B))
@@ -296,7 +312,11 @@ def batched_lbfgs(
         for _ in range(60):
             xt = x[trial] + t[trial, None] * d[trial]
             ft, gt = fun(xt, trial)
-            ok = ft <= f[trial] + 1e-4 * t[trial] * gd[trial]
+            f0, gd0 = f[trial], gd[trial]
+            slope = np.einsum("bp,bp->b", gt, d[trial])
+            ok = (ft <= f0 + 1e-4 * t[trial] * gd0) | (
+                (ft <= f0 + 1e-11 * np.abs(f0)) & (slope >= 0.9 * gd0) & (slope <= -0.8 * gd0)
+            )
             done = trial[ok]
             x_new[done], f_new[done], g_new[done] = xt[ok], ft[ok], gt[ok]
             trial = trial[~ok]
@@ -313,9 +333,15 @@ def batched_lbfgs(
         S[slot], Yh[slot] = np.where(good[:, None], s_vec, 0.0), np.where(good[:, None], y_vec, 0.0)
         rho[slot] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
         gamma = np.where(good, sy / np.where(good, yy, 1.0), gamma)
+        # A failed line search clears that problem's memory and retries along -g once.
+        give_up = stalled & retried
+        rho[:, stalled] = 0.0
+        retried = stalled
         small_change = (f - f_new) <= ftol * np.maximum(np.maximum(np.abs(f), np.abs(f_new)), 1.0)
         x, f, g = x_new, f_new, g_new
-        active &= ~stalled & ~small_change & (np.abs(g).max(1) > tol)
+        active &= ~give_up & ~(small_change & ~stalled & (ftol > 0)) & (np.abs(g).max(1) > tol)
+    if return_info:
+        return x, n_iter, np.abs(g).max(1) <= tol
     return x
 
 
@@ -326,7 +352,9 @@ def fit_ovr_lbfgs(
     coef0: np.ndarray | None = None,
     max_iter: int = 1000,
     tol: float = 1e-6,
-) -> np.ndarray:
+    ftol: float = 64 * np.finfo(np.float64).eps,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Binary logistic regressions of every label on shared features, solved jointly.
 
     Each label minimises ``mean_i log_loss + ||w||^2 / (2 C n)`` over its known rows (n of them),
@@ -340,9 +368,12 @@ def fit_ovr_lbfgs(
         coef0: float64 [L, D + 1] warm start (last column: intercept), or None for zeros.
         max_iter: L-BFGS iterations at most.
         tol: a problem stops when every entry of its gradient is below this.
+        ftol: relative objective change that also stops a problem (``batched_lbfgs``); 0: off.
+        return_info: also return ``n_iter`` int64 [L] and ``converged`` bool [L].
 
     Returns:
-        float64 [L, D + 1]: weights, then the intercept in the last column.
+        float64 [L, D + 1]: weights, then the intercept in the last column (with
+        ``return_info``: that, ``n_iter`` and ``converged``).
     """
     N, D = X.shape
     L = Y.shape[1]
@@ -365,7 +396,7 @@ def fit_ovr_lbfgs(
         return loss + 0.5 * reg[rows] * (w * w).sum(1), G
 
     x0 = np.zeros((L, D + 1)) if coef0 is None else coef0
-    return batched_lbfgs(fun, x0, max_iter, tol)
+    return batched_lbfgs(fun, x0, max_iter, tol, ftol=ftol, return_info=return_info)
 
 
 def fit_multinomial_lbfgs(
@@ -376,7 +407,9 @@ def fit_multinomial_lbfgs(
     coef0: np.ndarray | None = None,
     max_iter: int = 1000,
     tol: float = 1e-6,
-) -> np.ndarray:
+    ftol: float = 64 * np.finfo(np.float64).eps,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Multinomial (softmax) logistic regressions of many independent problems, solved together.
 
     Problem ``e`` minimises ``mean_i cross_entropy + ||W_e||^2 / (2 C n_e)`` over its rows with a
@@ -390,9 +423,12 @@ def fit_multinomial_lbfgs(
         coef0: float64 [E, D + 1, C] warm start (last row: intercepts), or None for zeros.
         max_iter: L-BFGS iterations at most.
         tol: a problem stops when every entry of its gradient is below this.
+        ftol: relative objective change that also stops a problem (``batched_lbfgs``); 0: off.
+        return_info: also return ``n_iter`` int64 [E] and ``converged`` bool [E].
 
     Returns:
-        float64 [E, D + 1, C]: weights, then the intercepts in the last row.
+        float64 [E, D + 1, C]: weights, then the intercepts in the last row (with
+        ``return_info``: that, ``n_iter`` and ``converged``).
     """
     E, n, D = X.shape
     known = y >= 0
@@ -416,7 +452,9 @@ def fit_multinomial_lbfgs(
         return loss, G.reshape(len(rows), -1)
 
     x0 = np.zeros((E, (D + 1) * n_classes)) if coef0 is None else np.reshape(coef0, (E, -1))
-    return batched_lbfgs(fun, x0, max_iter, tol).reshape(E, D + 1, n_classes)
+    out = batched_lbfgs(fun, x0, max_iter, tol, ftol=ftol, return_info=True)
+    theta = out[0].reshape(E, D + 1, n_classes)
+    return (theta, out[1], out[2]) if return_info else theta
 
 
 def multinomial_proba(Z: np.ndarray) -> np.ndarray:
