@@ -282,7 +282,7 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
                 W = W[0]
             else:
                 W, n_it, cv = fit_ovr_lbfgs(
-                    Xs_all, T_all, C_used, coef0=_rebase(W, stats, new), **self._opts()
+                    Xs_all, T_all, C_used, coef0=_rebase(W, stats, new), precondition=True, **self._opts()
                 )
             stats, n_rows = new, self._n_rows(T_all)
             self.refit_, self.fitted_on_ = True, "train+val"
@@ -374,7 +374,9 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
                 )
                 fits.append(W[0])
             else:
-                W, it, cv = fit_ovr_lbfgs(Xs, T, np.full(T.shape[1], c), coef0=W, **self._opts())
+                W, it, cv = fit_ovr_lbfgs(
+                    Xs, T, np.full(T.shape[1], c), coef0=W, precondition=True, **self._opts()
+                )
                 fits.append(W)
             its.append(it)
             convs.append(cv)

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from featcache.errors import FeatcacheError
-from probes._linalg import fit_multinomial_lbfgs
+from probes._linalg import fit_multinomial_lbfgs, fit_ovr_lbfgs
 from probes.logreg import DINOV2_C_GRID, LogRegProbe, apply_uncertain, dinov2_preset
 
 
@@ -192,13 +192,30 @@ def _newton_reference(X, y, C, iters=60):
 def test_converged_fit_is_the_exact_optimum(C):
     """At the gradient tolerance the weights match a Newton solve far tighter than the AUROC needs."""
     rng = np.random.default_rng(11)
-    X = rng.normal(size=(400, 6))
-    y = (X @ rng.normal(size=6) + 2 * rng.logistic(size=400) > 0).astype(np.float32)
+    Z = rng.normal(size=(400, 6))
+    y = (Z @ rng.normal(size=6) + 2 * rng.logistic(size=400) > 0).astype(np.float32)
+    X = Z @ (rng.normal(size=(6, 6)) * 0.3 ** np.arange(6)[:, None]) + rng.normal(
+        0, 3, 6
+    )  # correlated, offset
     probe = LogRegProbe(C=C, standardize=False).fit(X, y)
     ref = _newton_reference(X.astype(np.float32).astype(np.float64), y.astype(np.float64), C)
     got = np.append(probe.coef_[0], probe.intercept_[0])
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
     assert probe.converged_.all() and probe.n_iter_[0] > 0
+
+
+def test_preconditioned_solver_reaches_the_plain_solvers_optimum_from_a_warm_start(data):
+    """The change of variables (principal axes, per-label scaling, centring) leaves the optimum alone."""
+    Xtr, Ytr, _, _, _, _ = data
+    Xs = _scaler(Xtr)(Xtr) + 2.0  # not centred: the intercept must absorb the solver's centring
+    C = np.array([0.01, 1.0, 1e4])
+    plain = fit_ovr_lbfgs(Xs, Ytr, C, max_iter=20_000, tol=1e-11, ftol=0.0)
+    start = plain + np.random.default_rng(0).normal(0, 0.1, plain.shape)
+    pre, n_iter, conv = fit_ovr_lbfgs(
+        Xs, Ytr, C, coef0=start, max_iter=20_000, tol=1e-11, ftol=0.0, precondition=True, return_info=True
+    )
+    assert conv.all() and (n_iter > 0).all()
+    np.testing.assert_allclose(pre, plain, rtol=1e-6, atol=1e-7 * np.abs(plain).max())
 
 
 def test_max_iter_cap_is_recorded_and_warned_once(data):
