@@ -13,8 +13,10 @@ same transformed features, to the gradient tolerance):
   [1, D] and ``decision_function`` [n], as scikit-learn.
 - Convergence: L-BFGS runs until every entry of the gradient of scikit-learn's mean-scaled
   objective is at most ``tol`` (default 1e-10), without scipy's objective-change stop that ends
-  scikit-learn early at weak regularisation. A fit that hits ``max_iter`` is kept, flagged in
-  ``converged_`` / ``n_iter_`` and warned about once.
+  scikit-learn early at weak regularisation. One-vs-rest fits are solved in the scaled principal
+  axes of the features (an exact change of variables, see ``fit_ovr_lbfgs``), which keeps weak
+  regularisation on correlated features to hundreds of iterations. A fit that hits ``max_iter``
+  is kept, flagged in ``converged_`` / ``n_iter_`` and warned about once.
 - Features: with ``standardize=True`` (default) z-scored with the mean and population standard
   deviation of the rows fitted (``sklearn.preprocessing.StandardScaler``: a feature whose spread is
   zero up to rounding is only centred); with ``standardize=False`` used as given.
