@@ -1,9 +1,8 @@
 """Numerical plumbing shared by the probe estimators (numpy/scipy only, never torch).
 
 Holds the pieces two or more probes use: target validation, L2 normalisation, the
-temperature-softmax kNN vote, a rank-based AUROC, and the batched logistic-regression
-solvers (one-vs-rest L-BFGS over all labels at once, multinomial L-BFGS over many
-problems at once, and a batched Newton solve in the span of a tiny support set).
+temperature-softmax kNN vote, a rank-based AUROC and the softmax; the batched
+logistic-regression solvers live in ``probes._lbfgs`` and are re-exported here.
 
 All solvers minimise scikit-learn's objective, ``C * sum(log_loss) + 0.5 * ||W||^2`` with an
 unpenalised intercept, so their optimum is the one ``sklearn.linear_model.LogisticRegression``
@@ -12,13 +11,20 @@ reaches with the same ``C``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import softmax
 from scipy.stats import rankdata
 
 from featcache.errors import FeatcacheError
+
+from ._lbfgs import (  # noqa: F401  (re-exported: the probes import the solvers from here)
+    batched_lbfgs,
+    fit_binary_newton_dual,
+    fit_multinomial_lbfgs,
+    fit_ovr_lbfgs,
+)
 
 TASKS = ("multilabel", "multiclass")
 
@@ -292,261 +298,6 @@ def ovr_auroc(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return auroc_columns(onehot, proba[keep])
 
 
-def batched_lbfgs(
-    fun: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
-    x0: np.ndarray,
-    max_iter: int = 1000,
-    tol: float = 1e-6,
-    memory: int = 10,
-) -> np.ndarray:
-    """Minimise B independent smooth convex problems together, each with its own L-BFGS state.
-
-    Every problem keeps its own curvature history, step length (Armijo backtracking) and
-    stopping test, so it converges as a separate L-BFGS run would; only the function
-    evaluations are batched, which turns B matrix-vector products into one matrix-matrix
-    product. A problem stops when every entry of its gradient is below ``tol`` (scipy's
-    ``gtol``), when its objective stops decreasing (relative change under 64 machine epsilons,
-    scipy's ``ftol`` as scikit-learn sets it), or when its line search fails.
-
-    Args:
-        fun: ``fun(x, rows) -> (f float64 [b], g float64 [b, P])`` evaluating the problems
-            ``rows`` (int [b]) at ``x`` (float64 [b, P]).
-        x0: float64 [B, P] starting points.
-        max_iter: iterations at most.
-        tol: gradient tolerance.
-        memory: curvature pairs kept.
-
-    Returns:
-        float64 [B, P] solutions.
-    """
-    x = np.array(x0, dtype=np.float64)
-    B, P = x.shape
-    everyone = np.arange(B)
-    f, g = fun(x, everyone)
-    S = np.zeros((memory, B, P))
-    Yh = np.zeros((memory, B, P))
-    rho = np.zeros((memory, B))
-    gamma = 1.0 / np.maximum(np.linalg.norm(g, axis=1), 1.0)
-    active = np.abs(g).max(1) > tol
-    ftol = 64 * np.finfo(np.float64).eps
-    for it in range(max_iter):
-        if not active.any():
-            break
-        # Two-loop recursion, newest pair first; skipped updates are zero pairs and drop out.
-        q = g.copy()
-        a = np.zeros((memory, B))
-        slots = [(it - 1 - i) % memory for i in range(min(it, memory))]
-        for j in slots:
-            a[j] = rho[j] * np.einsum("bp,bp->b", S[j], q)
-            q -= a[j][:, None] * Yh[j]
-        d = gamma[:, None] * q
-        for j in reversed(slots):
-            beta = rho[j] * np.einsum("bp,bp->b", Yh[j], d)
-            d += (a[j] - beta)[:, None] * S[j]
-        d = -d
-        gd = np.einsum("bp,bp->b", g, d)
-        reset = gd >= 0
-        if reset.any():
-            d[reset], gd[reset] = -g[reset], -np.einsum("bp,bp->b", g[reset], g[reset])
-            rho[:, reset] = 0.0
-        x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
-        t = np.ones(B)
-        trial = np.flatnonzero(active)
-        for _ in range(60):
-            xt = x[trial] + t[trial, None] * d[trial]
-            ft, gt = fun(xt, trial)
-            ok = ft <= f[trial] + 1e-4 * t[trial] * gd[trial]
-            done = trial[ok]
-            x_new[done], f_new[done], g_new[done] = xt[ok], ft[ok], gt[ok]
-            trial = trial[~ok]
-            if trial.size == 0:
-                break
-            t[trial] *= 0.5
-        stalled = np.zeros(B, dtype=bool)
-        stalled[trial] = True
-        s_vec, y_vec = x_new - x, g_new - g
-        sy = np.einsum("bp,bp->b", s_vec, y_vec)
-        yy = np.einsum("bp,bp->b", y_vec, y_vec)
-        good = active & ~stalled & (sy > 1e-12 * np.sqrt(np.einsum("bp,bp->b", s_vec, s_vec) * yy))
-        slot = it % memory
-        S[slot], Yh[slot] = np.where(good[:, None], s_vec, 0.0), np.where(good[:, None], y_vec, 0.0)
-        rho[slot] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
-        gamma = np.where(good, sy / np.where(good, yy, 1.0), gamma)
-        small_change = (f - f_new) <= ftol * np.maximum(np.maximum(np.abs(f), np.abs(f_new)), 1.0)
-        x, f, g = x_new, f_new, g_new
-        active &= ~stalled & ~small_change & (np.abs(g).max(1) > tol)
-    return x
-
-
-def fit_ovr_lbfgs(
-    X: np.ndarray,
-    Y: np.ndarray,
-    C: np.ndarray,
-    coef0: np.ndarray | None = None,
-    max_iter: int = 1000,
-    tol: float = 1e-6,
-) -> np.ndarray:
-    """Binary logistic regressions of every label on shared features, solved jointly.
-
-    Each label minimises ``mean_i log_loss + ||w||^2 / (2 C n)`` over its known rows (n of them),
-    scikit-learn's scaling of ``C * sum log_loss + 0.5 ||w||^2``. Each label runs its own L-BFGS
-    (``batched_lbfgs``) while the evaluations of all labels share one pass over ``X``.
-
-    Args:
-        X: float64 [N, D] features.
-        Y: float [N, L] 0/1 targets, NaN missing (masked out of that label's loss).
-        C: float [L] inverse regularisation strength per label.
-        coef0: float64 [L, D + 1] warm start (last column: intercept), or None for zeros.
-        max_iter: L-BFGS iterations at most.
-        tol: a problem stops when every entry of its gradient is below this.
-
-    Returns:
-        float64 [L, D + 1]: weights, then the intercept in the last column.
-    """
-    N, D = X.shape
-    L = Y.shape[1]
-    M = (~np.isnan(Y)).astype(np.float64)
-    T = np.where(M > 0, Y, 0.0).astype(np.float64)
-    n_known = M.sum(0)
-    inv_n = 1.0 / n_known
-    reg = 1.0 / (np.asarray(C, dtype=np.float64) * n_known)
-
-    def fun(W, rows):
-        every = rows.size == L
-        m, t = (M, T) if every else (M[:, rows], T[:, rows])
-        w, b = W[:, :D], W[:, D]
-        Z = X @ w.T + b
-        loss = (m * (np.logaddexp(0.0, Z) - t * Z)).sum(0) * inv_n[rows]
-        R = m * (expit(Z) - t) * inv_n[rows]
-        G = np.empty_like(W)
-        G[:, :D] = (X.T @ R).T + reg[rows, None] * w
-        G[:, D] = R.sum(0)
-        return loss + 0.5 * reg[rows] * (w * w).sum(1), G
-
-    x0 = np.zeros((L, D + 1)) if coef0 is None else coef0
-    return batched_lbfgs(fun, x0, max_iter, tol)
-
-
-def fit_multinomial_lbfgs(
-    X: np.ndarray,
-    y: np.ndarray,
-    n_classes: int,
-    C: float,
-    coef0: np.ndarray | None = None,
-    max_iter: int = 1000,
-    tol: float = 1e-6,
-) -> np.ndarray:
-    """Multinomial (softmax) logistic regressions of many independent problems, solved together.
-
-    Problem ``e`` minimises ``mean_i cross_entropy + ||W_e||^2 / (2 C n_e)`` over its rows with a
-    class (``y >= 0``), all C weight rows penalised, as scikit-learn's multinomial lbfgs.
-
-    Args:
-        X: float64 [E, n, D] features of each problem (E = 1 for a single probe).
-        y: int [E, n] class indices, -1 masked out.
-        n_classes: C.
-        C: inverse regularisation strength (shared by all problems).
-        coef0: float64 [E, D + 1, C] warm start (last row: intercepts), or None for zeros.
-        max_iter: L-BFGS iterations at most.
-        tol: a problem stops when every entry of its gradient is below this.
-
-    Returns:
-        float64 [E, D + 1, C]: weights, then the intercepts in the last row.
-    """
-    E, n, D = X.shape
-    known = y >= 0
-    M = known.astype(np.float64)[..., None]
-    onehot = np.zeros((E, n, n_classes))
-    np.put_along_axis(onehot, np.where(known, y, 0)[..., None], 1.0, axis=-1)
-    onehot *= M
-    inv_n = 1.0 / known.sum(1)
-
-    def fun(theta, rows):
-        every = rows.size == E
-        x, hot, m, inv = (X, onehot, M, inv_n) if every else (X[rows], onehot[rows], M[rows], inv_n[rows])
-        W = theta.reshape(-1, D + 1, n_classes)
-        w, b = W[:, :D], W[:, D:]
-        logp = log_softmax(x @ w + b, axis=-1)
-        R = (m * np.exp(logp) - hot) * inv[:, None, None]
-        G = np.empty_like(W)
-        G[:, :D] = x.transpose(0, 2, 1) @ R + (inv / C)[:, None, None] * w
-        G[:, D] = R.sum(1)
-        loss = -(hot * logp).sum((1, 2)) * inv + 0.5 * (inv / C) * (w * w).sum((1, 2))
-        return loss, G.reshape(len(rows), -1)
-
-    x0 = np.zeros((E, (D + 1) * n_classes)) if coef0 is None else np.reshape(coef0, (E, -1))
-    return batched_lbfgs(fun, x0, max_iter, tol).reshape(E, D + 1, n_classes)
-
-
 def multinomial_proba(Z: np.ndarray) -> np.ndarray:
     """Softmax over the last axis. Z: float [..., C] logits -> float64 [..., C]."""
     return softmax(np.asarray(Z, dtype=np.float64), axis=-1)
-
-
-def fit_binary_newton_dual(
-    K: np.ndarray,
-    y: np.ndarray,
-    C: float,
-    max_iter: int = 100,
-    tol: float = 1e-10,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Many tiny binary logistic regressions by Newton's method in the span of their rows.
-
-    Problem ``e`` has n support rows with Gram matrix ``K_e = X_e X_e^T``. The optimum weight
-    vector of ``C * sum log_loss + 0.5 ||w||^2`` (intercept unpenalised) lies in the row span,
-    ``w = X_e^T alpha``, and the exact primal Newton step stays there, so each step is one
-    (n + 1) x (n + 1) linear solve per problem instead of a D x D one, with a backtracking
-    line search for global convergence.
-
-    Args:
-        K: float64 [E, n, n] Gram matrices of the support rows.
-        y: float [E, n] 0/1 targets.
-        C: inverse regularisation strength.
-        max_iter: Newton iterations at most.
-        tol: stop when every problem's Newton decrement (squared, halved) is below this.
-
-    Returns:
-        (alpha float64 [E, n], intercept float64 [E]); weights are ``X_e^T alpha_e``.
-    """
-    E, n, _ = K.shape
-    y = np.asarray(y, dtype=np.float64)
-    alpha = np.zeros((E, n))
-    b = np.zeros(E)
-    eye = np.eye(n)
-
-    def objective(a, bb):
-        z = np.einsum("eij,ej->ei", K, a) + bb[:, None]
-        return C * (np.logaddexp(0.0, z) - y * z).sum(1) + 0.5 * np.einsum(
-            "ei,ei->e", a, np.einsum("eij,ej->ei", K, a)
-        )
-
-    f = objective(alpha, b)
-    for _ in range(max_iter):
-        z = np.einsum("eij,ej->ei", K, alpha) + b[:, None]
-        p = expit(z)
-        r = p - y
-        s = np.maximum(p * (1.0 - p), 1e-12)
-        v = alpha + C * r
-        A = np.empty((E, n + 1, n + 1))
-        A[:, :n, :n] = eye + C * s[:, :, None] * K
-        A[:, :n, n] = C * s
-        A[:, n, :n] = np.einsum("ei,eij->ej", s, K)
-        A[:, n, n] = s.sum(1)
-        rhs = np.concatenate([-v, -r.sum(1, keepdims=True)], axis=1)
-        step = np.linalg.solve(A, rhs[..., None])[..., 0]
-        da, db = step[:, :n], step[:, n]
-        # Directional derivative of the primal objective along the step: -(Newton decrement)^2.
-        slope = np.einsum("ei,ei->e", v, np.einsum("eij,ej->ei", K, da)) + C * r.sum(1) * db
-        if np.all(-slope / 2 < tol):
-            break
-        t = np.ones(E)
-        for _ in range(40):
-            f_new = objective(alpha + t[:, None] * da, b + t * db)
-            bad = f_new > f + 1e-4 * t * slope
-            if not bad.any():
-                break
-            t = np.where(bad, t / 2, t)
-        alpha = alpha + t[:, None] * da
-        b = b + t * db
-        f = objective(alpha, b)
-    return alpha, b
