@@ -1067,23 +1067,29 @@ def knn(
 @_probe_data_options
 @click.option("--C", "C", type=float, help="Fixed inverse regularisation [default: chosen on val per label].")
 @click.option("--C-grid", "C_grid", help="Candidate C values, e.g. 1e-4,1e-2,1,100 [default: 1e-6..1e5].")
+@click.option(
+    "--protocol",
+    type=click.Choice(["dinov2"]),
+    help="dinov2: log_regression.py's preset (45 C values 1e-6..1e5, features as stored, refit on train+val).",
+)
 @click.option("--by", help=_BY_HELP)
 @_bootstrap_options
 @_one_line_errors
 def logreg(
-    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, C, C_grid, by, n_boot, seed,
-    val_fraction,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, C, C_grid, protocol, by, n_boot,
+    seed, val_fraction,
 ) -> None:  # fmt: skip
     """Logistic-regression probe, C chosen on validation only: AUROC per label and mean, with CIs.
 
     Example: probes logreg --cache cache/ --set nih/dinov3-vitb16/512 --out results.jsonl
     """
-    from probes.logreg import DEFAULT_C_GRID
     from probes.run import run_logreg
 
-    grid = _float_list(C_grid, "--C-grid") if C_grid else DEFAULT_C_GRID
+    grid = _float_list(C_grid, "--C-grid") if C_grid else None
+    if protocol == "dinov2" and val_fraction == 0.2 and not C_grid:
+        val_fraction = 0.1  # dinov2 selects on 10% of train when there is no val split
     rows = run_logreg(
-        cache, set_name, features=features, C=C, C_grid=grid, labels=_csv_list(labels) or None,
+        cache, set_name, features=features, C=C, C_grid=grid, protocol=protocol, labels=_csv_list(labels) or None,
         uncertain=uncertain, n_boot=n_boot, seed=seed, val_fraction=val_fraction, out=out, aggregate=aggregate,
         allow_partial=allow_partial, by=by,
     )  # fmt: skip

@@ -9,7 +9,7 @@
   stored layers, ``-1`` = the last), ``layer_cls`` (all stored layers concatenated), or several of
   these joined by ``+`` (``cls+pooled``), concatenated in that order. Always float32.
 - Targets of a multi-label set: float32 [n, L] after the uncertain-label policy
-  (:func:`probes.logreg.apply_uncertain`): 1, 0, NaN missing. Rows with no known label among the
+  (:func:`probes.labels.apply_uncertain`): 1, 0, NaN missing. Rows with no known label among the
   chosen ones carry no information for any probe and are left out (a kNN would otherwise spend
   neighbour slots on them).
 - Targets of a multi-class set: int64 [n] indices into ``label_names`` (the chosen class names,
@@ -34,7 +34,7 @@ import numpy as np
 from featcache.errors import FeatcacheError, StoreError
 from featcache.store import FeatureSet, FeatureStore
 
-from .logreg import apply_uncertain
+from .labels import apply_uncertain
 
 SPLITS = ("train", "val", "test")
 _LAYER = re.compile(r"^(layer_cls|layer_pooled)(?::(-?\d+))?$")

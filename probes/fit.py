@@ -252,20 +252,30 @@ def knn_scores(
 # ---- logistic regression ----
 
 
-def _fit_fixed(split: Split, task: str, C: float, cols: np.ndarray | None = None) -> LogRegProbe:
+def _fit_fixed(split: Split, task: str, C: float, cols: np.ndarray | None = None, **kw) -> LogRegProbe:
     y = split.y if cols is None else split.y[:, cols]
-    return LogRegProbe(C=float(C), task=task).fit(split.X, y)
+    return LogRegProbe(C=float(C), task=task, **kw).fit(split.X, y)
 
 
-def _fixed_scores(split: Split, X: np.ndarray, task: str, C: float, L: int) -> np.ndarray:
+def _fixed_scores(split: Split, X: np.ndarray, task: str, C: float, L: int, **kw) -> np.ndarray:
     """Scores [q, L] of a fixed-C fit on ``split`` (labels with one class there: NaN)."""
     if task == "multiclass":
-        return _fit_fixed(split, task, C).predict_scores(X)
+        return _fit_fixed(split, task, C, **kw).predict_proba(X)
     ok, _ = learnable(split.y, task, L)
     S = np.full((len(X), L), np.nan)
     if ok.any():
-        S[:, ok] = _fit_fixed(split, task, C, np.flatnonzero(ok)).predict_scores(X)
+        S[:, ok] = _fit_fixed(split, task, C, np.flatnonzero(ok), **kw).predict_proba(X)
     return S
+
+
+def _fit_params(probe: LogRegProbe, i: int, source: str) -> dict[str, Any]:
+    """What a label's row says about its final fit."""
+    n_iter, conv = np.atleast_1d(probe.n_iter_), np.atleast_1d(probe.converged_)
+    i = min(i, len(n_iter) - 1)
+    return {
+        "C": float(np.atleast_1d(probe.C_)[min(i, np.atleast_1d(probe.C_).size - 1)]),
+        "params": {"C_from": source, "n_iter": int(n_iter[i]), "converged": bool(conv[i])},
+    }
 
 
 def logreg_scores(
@@ -275,6 +285,7 @@ def logreg_scores(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    standardize: bool = True,
 ) -> tuple[Scored, ProbeData]:
     """Fit the linear probe as the module docstring says.
 
@@ -285,21 +296,30 @@ def logreg_scores(
         val_fraction: share of train patients carved into val when C is selected and the store
             has no val split.
         seed: seed of that carve and of the out-of-fold folds.
+        standardize: z-score features with the fitted rows' statistics (False: as dinov2 feeds them).
 
     Returns:
         (the scores, the data as used: with a carved val when one was carved).
     """
     L = len(data.label_names)
     task = data.task
+    kw = {"standardize": standardize}
     if C is not None:
         pool = merge_train_val(data)
         fit_rows = "train+val" if len(data.val) else "train"
         fitted, extra = learnable(pool.train.y, task, L)
-        S_test = _fixed_scores(pool.train, data.test.X, task, C, L)
-        S_oof = oof_scores(pool.train, lambda tr, X: _fixed_scores(tr, X, task, C, L), seed=seed)
-        for j in range(L):
-            if fitted[j]:
-                extra[j] = {"C": float(C), "params": {"C_from": "given"}}
+        S_test = np.full((len(data.test), L), np.nan)
+        if task == "multiclass":
+            probe = _fit_fixed(pool.train, task, C, **kw)
+            S_test = probe.predict_proba(data.test.X)
+            extra = [_fit_params(probe, 0, "given") for _ in range(L)]
+        elif fitted.any():
+            cols = np.flatnonzero(fitted)
+            probe = _fit_fixed(pool.train, task, C, cols, **kw)
+            S_test[:, cols] = probe.predict_proba(data.test.X)
+            for i, j in enumerate(cols):
+                extra[j] = _fit_params(probe, i, "given")
+        S_oof = oof_scores(pool.train, lambda tr, X: _fixed_scores(tr, X, task, C, L, **kw), seed=seed)
         scored = Scored(
             S_test, pool.train.y, S_oof, f"oof{N_FOLDS}", fitted, extra, len(pool.train), fit_rows
         )
@@ -311,17 +331,16 @@ def logreg_scores(
     thr_from = "carved val" if carved else "val"
     grid = np.sort(np.asarray(C_grid, dtype=np.float64))
     pool = merge_train_val(data)
-    if task == "multiclass":
-        probe = LogRegProbe(C=None, C_grid=grid, task=task).fit(
-            data.train.X, data.train.y, data.val.X, data.val.y
-        )
-        c = float(probe.C_)
-        S_val = probe.predict_scores(data.val.X)
-        S_test = _fit_fixed(pool.train, task, c).predict_scores(data.test.X)
-        extra = [{"C": c, "params": {"C_from": thr_from}}] * L
+    if task == "multiclass":  # select on val, refit on train + val (inside the estimator)
+        probe = LogRegProbe(C=None, C_grid=grid, task=task, refit=True, **kw)
+        probe.fit(data.train.X, data.train.y, data.val.X, data.val.y)
+        extra = [_fit_params(probe, 0, thr_from) for _ in range(L)]
+        for e in extra:
+            e["params"]["select"] = "val accuracy"
         scored = Scored(
-            S_test, data.val.y, S_val, thr_from, np.ones(L, bool), extra, len(pool.train), "train+val"
-        )
+            probe.predict_proba(data.test.X), data.val.y, probe.val_proba_, thr_from,
+            np.ones(L, bool), extra, len(pool.train), "train+val",
+        )  # fmt: skip
         return scored, data
 
     Y, Yv = data.train.y, data.val.y
@@ -334,28 +353,21 @@ def logreg_scores(
             f"{data.context.get('store_set')}: no label has both classes in the validation split, so C "
             "cannot be chosen; pass --C, or give the manifest a larger val split"
         )
-    chosen = np.full(L, np.nan)
     S_val = np.full((len(data.val), L), np.nan)
+    S_test = np.full((len(data.test), L), np.nan)
     if len(selectable):
-        probe = LogRegProbe(C=None, C_grid=grid, task=task).fit(
-            data.train.X, Y[:, selectable], data.val.X, Yv[:, selectable]
-        )
-        chosen[selectable] = np.atleast_1d(probe.C_)
-        S_val[:, selectable] = probe.predict_scores(data.val.X)
-        for j in selectable:
-            extra[j] = {"C": float(chosen[j]), "params": {"C_from": thr_from}}
+        probe = LogRegProbe(C=None, C_grid=grid, task=task, refit=True, **kw)
+        probe.fit(data.train.X, Y[:, selectable], data.val.X, Yv[:, selectable])
+        S_val[:, selectable] = probe.val_proba_  # the train-only fit at the chosen C: held out
+        S_test[:, selectable] = probe.predict_proba(data.test.X)  # refit on train + val
+        for i, j in enumerate(selectable):
+            extra[j] = _fit_params(probe, i, thr_from)
         if len(rest):  # one class in val: the C best on the mean val AUROC of the others
             shared = float(grid[int(np.argmax(np.nanmean(probe.val_auroc_, axis=1)))])
-            chosen[rest] = shared
-            S_val[:, rest] = _fit_fixed(data.train, task, shared, rest).predict_scores(data.val.X)
-            for j in rest:
-                extra[j] = {"C": shared, "params": {"C_from": "shared"}}
-    # the final model: refit on train + val at each label's chosen C (labels grouped by C)
-    S_test = np.full((len(data.test), L), np.nan)
-    refit_ok, _ = learnable(pool.train.y, task, L)
-    for c in np.unique(chosen[~np.isnan(chosen)]):
-        cols = np.flatnonzero((chosen == c) & refit_ok)
-        if len(cols):
-            S_test[:, cols] = _fit_fixed(pool.train, task, float(c), cols).predict_scores(data.test.X)
+            S_val[:, rest] = _fit_fixed(data.train, task, shared, rest, **kw).predict_proba(data.val.X)
+            final = _fit_fixed(pool.train, task, shared, rest, **kw)
+            S_test[:, rest] = final.predict_proba(data.test.X)
+            for i, j in enumerate(rest):
+                extra[j] = _fit_params(final, i, "shared")
     scored = Scored(S_test, Yv, S_val, thr_from, in_train, extra, len(pool.train), "train+val")
     return scored, data

@@ -46,7 +46,7 @@ from .episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_epi
 from .evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
 from .fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
 from .fit import knn_scores, logreg_scores
-from .logreg import DEFAULT_C_GRID
+from .logreg import DEFAULT_C_GRID, DINOV2_C_GRID
 from .report_run import run_report
 
 __all__ = [
@@ -146,7 +146,8 @@ def run_logreg(
     *,
     features: str = "cls",
     C: float | None = None,
-    C_grid: Sequence[float] = DEFAULT_C_GRID,
+    C_grid: Sequence[float] | None = None,
+    protocol: str | None = None,
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
     aggregate: str | None = None,
@@ -168,7 +169,11 @@ def run_logreg(
         set_name: feature set (None: the store's only set).
         features: features to probe (see :func:`probes.data.load_probe_data`).
         C: a fixed inverse regularisation strength; None selects it per label from ``C_grid`` on val.
-        C_grid: candidate C values.
+        C_grid: candidate C values (default ``DEFAULT_C_GRID``; with ``protocol="dinov2"``,
+            dinov2's 45 values ``10**linspace(-6, 5, 45)``).
+        protocol: ``"dinov2"``: dinov2/eval/log_regression.py's preset (its C grid, features fed as
+            stored, no standardisation; a carve, when needed, of 10% as dinov2 does, but of whole
+            patients); None: standardised features and ``C_grid``.
         labels: label columns / class names (None: all).
         uncertain: uncertain-label policy.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
@@ -184,11 +189,20 @@ def run_logreg(
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.
     """
+    if protocol not in (None, "dinov2"):
+        raise FeatcacheError(f"unknown logistic-regression protocol {protocol!r}: use dinov2 or leave it out")
+    standardize = protocol != "dinov2"
+    if C_grid is None:
+        C_grid = DINOV2_C_GRID if protocol == "dinov2" else DEFAULT_C_GRID
     data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate, allow_partial)
-    scored, data = logreg_scores(data, C, C_grid, val_fraction=val_fraction, seed=seed)
+    scored, data = logreg_scores(
+        data, C, C_grid, val_fraction=val_fraction, seed=seed, standardize=standardize
+    )
     run = _context(data, "logreg")
     base = {"seed": int(seed), "n_train": scored.n_fit}
-    params = dict(run["params"])
+    params = dict(run["params"], standardize=standardize)
+    if protocol:
+        params["protocol"] = protocol
     if C is None:
         params["C_grid"] = [float(c) for c in np.sort(np.asarray(C_grid, dtype=np.float64))]
     entries = evaluate_scores(data, scored, base, params, n_boot, seed, by=by)
