@@ -33,8 +33,31 @@ def _echo_err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _verbosity_options(fn):
+    """``--quiet/--verbose`` of a command group, kept in ``ctx.obj["verbosity"]`` (-1, 0, 1)."""
+
+    @click.option(
+        "--quiet", "-q", is_flag=True, help="No progress bars (the libraries' own too), no step lines."
+    )
+    @click.option("--verbose", "-v", is_flag=True, help="One line per step (probe runs of a study).")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx, quiet: bool, verbose: bool, **kwargs):
+        from featcache.progress import set_verbosity
+
+        if quiet and verbose:
+            raise click.UsageError("--quiet and --verbose exclude each other")
+        level = -1 if quiet else 1 if verbose else 0
+        ctx.ensure_object(dict)["verbosity"] = level
+        set_verbosity(level)
+        return fn(**kwargs)
+
+    return wrapper
+
+
 @click.group()
 @click.version_option(package_name="featcache")
+@_verbosity_options
 def featcache() -> None:
     """Embed a dataset once with a frozen vision backbone into a feature store.
 
@@ -44,6 +67,7 @@ def featcache() -> None:
 
 @click.group()
 @click.version_option(package_name="featcache")
+@_verbosity_options
 def probes() -> None:
     """Run CPU probes (kNN, logistic regression, few-shot) on a feature store and report.
 
@@ -1348,6 +1372,77 @@ def external(
     _echo_by(rows, by)
     _echo_notes(rows)
     _echo_written(rows, out)
+
+
+# ---- featcache study (a plan of datasets x backbones x resolutions x probes) ----
+
+
+@featcache.group()
+def study() -> None:
+    """Run a whole study from one TOML plan: extraction, every probe, the report (docs/STUDY.md)."""
+
+
+@study.command(name="run")
+@click.argument("plan_toml", type=click.Path(dir_okay=False))
+@click.option(
+    "--no-extract", is_flag=True, help="Refuse (printing the extract commands) instead of extracting."
+)
+@click.option("--no-report", is_flag=True, help="Do not write report.md / report.html at the end.")
+@_one_line_errors
+def study_run(plan_toml: str, no_extract: bool, no_report: bool) -> None:
+    """Extract what is missing, run every probe not yet in the results file, write the report.
+
+    A killed run resumes: finished probe runs are skipped, unfinished extractions resume.
+
+    Example: featcache study run plan.toml
+    """
+    from featcache.study import StudyError, load_plan
+    from probes.study_run import run_study
+
+    plan = load_plan(plan_toml)
+    try:
+        out = run_study(plan, extract=not no_extract, report=not no_report)
+    except StudyError as e:
+        for command in e.commands:
+            click.echo(command)
+        raise
+    for note in out.notes:
+        _echo_err(f"note: {note}")
+    click.echo(
+        f"{out.steps} probe runs: {out.ran} ran, {out.skipped} already done; "
+        f"{len(out.extracted)} feature sets extracted; {out.rows} rows appended to {out.results}"
+    )
+    if out.report is not None:
+        click.echo(f"report: {out.report} and {out.report.with_suffix('.md')}")
+
+
+@study.command(name="plan")
+@click.argument("plan_toml", type=click.Path(dir_okay=False))
+@click.option(
+    "--dry-run", is_flag=True, help="List the steps and their cost (the only mode: nothing is run)."
+)
+@click.option(
+    "--tflops", default=989.0, show_default=True, type=float, help="GPU peak TFLOP/s of the cost model."
+)
+@click.option("--mfu", default=0.4, show_default=True, type=float, help="Model FLOP utilisation assumed.")
+@_one_line_errors
+def study_plan(plan_toml: str, dry_run: bool, tflops: float, mfu: float) -> None:
+    """Print every extraction and probe run of a plan, what is already done, and the GPU cost.
+
+    Cost: model_flops(backbone, res) x images, at --tflops peak and --mfu utilisation.
+
+    Example: featcache study plan plan.toml --dry-run
+    """
+    from featcache.study import load_plan, plan_steps, render_plan
+    from probes.study_run import complete_sets, done_steps
+
+    plan = load_plan(plan_toml)
+    extractions, steps = plan_steps(plan)
+    text = render_plan(
+        plan, extractions, steps, extracted=complete_sets(plan, extractions), done=done_steps(plan.results),
+        tflops=tflops, mfu=mfu,
+    )  # fmt: skip
+    click.echo(text.rstrip("\n"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,14 @@ Format (see docs/ARCHITECTURE.md): a header row, one row per image.
 * ``label``: a class-name column (multi-class task).
 * ``mask``: segmentation mask path relative to the root (blank: none).
 * ``meta_*``: free-text metadata kept as strings.
-* every other column: a binary label (``1``, ``0``, ``-1`` uncertain, blank missing).
+* every other column: a binary label (``1``, ``0``, ``-1`` uncertain, blank missing) or metadata.
+
+Which other columns are labels: declared ones (``labels=["Effusion", ...]`` of
+:func:`read_manifest`; ``--labels`` on the command line) are labels and every value must be 1, 0,
+-1 or blank; the undeclared ones are kept as metadata (``meta_<name>``). With no declaration, a
+column is inferred to be a label only when every value is 1, 0, -1 or blank; the others are kept
+as metadata, and ``Manifest.notes`` says once which columns were kept so (a 0/1 column such as
+``went_to_icu`` is still inferred to be a label: declare the labels to keep it out).
 
 Everything is validated before any model is loaded, and every problem found is
 reported at once in one line that names the rows (CSV line numbers, header = line 1).
@@ -22,6 +29,7 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +58,11 @@ class Manifest:
         labels: float32 [N, L], 1 / 0 / -1 raw, NaN where blank.
         classes: str [N] class names for a ``label`` column ('' = missing), else None.
         masks: str [N] mask paths relative to ``root`` ('' = none).
-        meta: ``meta_*`` columns, each str [N].
+        meta: metadata columns keyed ``meta_<name>``, each str [N] (``meta_*`` columns, and the
+            columns that are not labels, see the module docstring).
+        label_source: ``declared`` (``labels=`` given) or ``inferred`` (from the values).
+        notes: what was decided for the user while reading (e.g. columns kept as metadata), each
+            one short line, to be printed once.
     """
 
     source: str
@@ -64,6 +76,8 @@ class Manifest:
     classes: np.ndarray | None = None
     masks: np.ndarray | None = None
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    label_source: str = "inferred"
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -221,7 +235,11 @@ def _check_locations(
 
 
 def read_manifest(
-    csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True
+    csv_path: str | Path,
+    root: str | Path | None = None,
+    *,
+    check_files: bool = True,
+    labels: Sequence[str] | str | None = None,
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
@@ -229,6 +247,9 @@ def read_manifest(
         csv_path: the CSV file.
         root: folder that ``path`` and ``mask`` are relative to (default: the CSV's folder).
         check_files: check that every image (and mask) file exists.
+        labels: the binary label columns (a list, or one comma-separated string); the other
+            non-reserved columns are kept as metadata. None: inferred from the values (see the
+            module docstring).
 
     Returns:
         The validated ``Manifest``.
@@ -253,7 +274,9 @@ def read_manifest(
         raise ManifestError(
             f"{csv_path}: not a readable CSV file ({' '.join(str(e).split())[:200]}); save it as UTF-8 CSV"
         ) from None
-    return parse_manifest(header, records, root=root.resolve(), source=str(csv_path), check_files=check_files)
+    return parse_manifest(
+        header, records, root=root.resolve(), source=str(csv_path), check_files=check_files, labels=labels
+    )
 
 
 def parse_manifest(
@@ -263,8 +286,9 @@ def parse_manifest(
     root: Path,
     source: str = "<manifest>",
     check_files: bool = True,
+    labels: Sequence[str] | str | None = None,
 ) -> Manifest:
-    """Validate already-split CSV rows (see ``read_manifest``)."""
+    """Validate already-split CSV rows (see ``read_manifest``; ``labels`` declares the label columns)."""
     if not header:
         raise ManifestError(
             f"{source}: empty file; a manifest needs a header row with at least a 'path' column"
@@ -347,25 +371,25 @@ def parse_manifest(
     if masks is not None:
         escaping |= _check_locations(problems, root, masks, line, "mask paths", check_files, "mask")
 
-    label_names = [h for h in header if h not in RESERVED and not h.startswith("meta_")]
+    label_names, meta_names, notes = _label_columns(header, cols, labels, source)
     if label_names and "label" in header:
         problems.append(
-            f"both a 'label' class column and binary label columns {label_names}; keep one kind "
-            "(rename metadata columns to meta_<name>)"
+            f"both a 'label' class column and binary label columns {label_names[:_MAX_NAMED]}; keep one "
+            "kind (declare the labels, or rename metadata columns to meta_<name>)"
         )
-    labels = np.full((n, len(label_names)), np.nan, dtype=np.float32)
+    labels_arr = np.full((n, len(label_names)), np.nan, dtype=np.float32)
     for j, name in enumerate(label_names):
         bad = []
         for i, v in enumerate(cols[name]):
             try:
-                labels[i, j] = _LABEL_VALUES[v]
+                labels_arr[i, j] = _LABEL_VALUES[v]
             except KeyError:
                 bad.append(i)
         if bad:
             vals = sorted({cols[name][i] for i in bad})[:_MAX_NAMED]
             problems.append(
-                f"column '{name}' has values {vals} at rows {_rows_text([int(line[i]) for i in bad])}: label columns "
-                f"hold 1, 0, -1 or blank; rename it 'meta_{name}' to keep it as metadata, or drop it"
+                f"declared label column '{name}' has values {vals} at rows {_rows_text([int(line[i]) for i in bad])}: "
+                "label columns hold 1, 0, -1 or blank; fix the values or leave it out of the labels"
             )
 
     if problems:
@@ -380,11 +404,76 @@ def parse_manifest(
         patient_ids=as_str(patients),
         splits=as_str(splits),
         label_names=label_names,
-        labels=labels,
+        labels=labels_arr,
         classes=as_str(cols["label"]) if "label" in cols else None,
         masks=as_str(masks) if masks is not None else None,
-        meta={h: as_str(cols[h]) for h in header if h.startswith("meta_")},
+        meta={key: as_str(cols[h]) for key, h in meta_names.items()},
+        label_source="inferred" if labels is None else "declared",
+        notes=notes,
     )
+
+
+def _declared(labels: Sequence[str] | str) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (blank entries dropped)."""
+    items = labels.split(",") if isinstance(labels, str) else list(labels)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _label_columns(
+    header: list[str], cols: dict[str, list[str]], labels: Sequence[str] | str | None, source: str
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """Split the non-reserved columns into labels and metadata.
+
+    Returns:
+        ``(label_names, meta, notes)``: label columns in file order; metadata key (``meta_<name>``)
+        -> column name; at most one note naming the columns kept as metadata by inference.
+
+    Raises:
+        ManifestError: a declared label is reserved, repeated or not a column, or two columns end up
+            under the same metadata key (``age`` and ``meta_age``).
+    """
+    free = [h for h in header if h not in RESERVED and not h.startswith("meta_")]
+    notes: list[str] = []
+    if labels is not None:
+        wanted = _declared(labels)
+        reserved = [w for w in wanted if w in RESERVED or w.startswith("meta_")]
+        if reserved:
+            raise ManifestError(
+                f"{source}: declared labels {reserved} are reserved or metadata columns; declare only "
+                "binary label columns"
+            )
+        repeated = sorted({w for w in wanted if wanted.count(w) > 1})
+        if repeated:
+            raise ManifestError(f"{source}: labels {repeated} are declared more than once")
+        missing = [w for w in wanted if w not in header]
+        if missing:
+            raise ManifestError(
+                f"{source}: declared labels {missing[:_MAX_NAMED]} are not columns of the manifest "
+                f"(its other columns: {free[:12]}{' ...' if len(free) > 12 else ''})"
+            )
+        label_names = [h for h in free if h in set(wanted)]
+    else:
+        label_names = [h for h in free if all(v in _LABEL_VALUES for v in cols[h])]
+        kept = [h for h in free if h not in set(label_names)]
+        if kept:
+            shown = ", ".join(kept[:_MAX_NAMED]) + (
+                f" and {len(kept) - _MAX_NAMED} more" if len(kept) > _MAX_NAMED else ""
+            )
+            notes.append(
+                f"{Path(source).name}: columns {shown} hold values other than 1/0/-1/blank and are kept "
+                f"as metadata; {len(label_names)} label columns inferred (declare them with --labels)"
+            )
+    meta: dict[str, str] = {h: h for h in header if h.startswith("meta_")}
+    for h in free:
+        if h in label_names:
+            continue
+        key = f"meta_{h}"
+        if key in meta:
+            raise ManifestError(
+                f"{source}: columns '{h}' and '{key}' would both be kept as metadata '{key}'; rename one"
+            )
+        meta[key] = h
+    return label_names, meta, notes
 
 
 def write_manifest(path: str | Path, columns: dict[str, list | np.ndarray]) -> Path:
