@@ -92,7 +92,14 @@ def _csv_list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+_LABELS_HELP = (
+    "Label columns, comma-separated; other columns are kept as metadata "
+    "[default: inferred: columns whose values are all 1/0/-1/blank]."
+)
+
+
 @featcache.command()
+@click.option("--labels", help=_LABELS_HELP)
 @click.option(
     "--model",
     required=True,
@@ -192,6 +199,7 @@ def extract(**kw) -> None:
             device=kw["device"], dtype=kw["dtype"], seed=kw["seed"], shard_rows=kw["shard_size"],
             num_shards=kw["num_shards"], shard_index=kw["shard_index"], on_error=kw["on_error"],
             retry_failed=kw["retry_failed"], compile=kw["compile_"], revision=kw["revision"],
+            labels=tuple(_csv_list(kw["labels"])) or None,
         )  # fmt: skip
         r = run_extract(cfg, progress=not quiet)
     except KeyboardInterrupt:
@@ -631,15 +639,18 @@ def split(manifest_csv, out, by, val, test, seed, stratify, overwrite) -> None:
 @click.argument("manifest_csv")
 @click.option("--root", help="Folder the paths are relative to [default: the manifest's folder].")
 @click.option("--no-check-files", is_flag=True, help="Do not check that the image files exist.")
+@click.option("--labels", help=_LABELS_HELP)
 @_one_line_errors
-def check(manifest_csv, root, no_check_files) -> None:
+def check(manifest_csv, root, no_check_files, labels) -> None:
     """Check a manifest (leakage, duplicate ids, label values, missing files) and count each split.
 
     Example: featcache check nih.split.csv --root /data/nih
     """
     from featcache.datasets import check_manifest
 
-    report = check_manifest(manifest_csv, root, check_files=not no_check_files)
+    report = check_manifest(
+        manifest_csv, root, check_files=not no_check_files, labels=_csv_list(labels) or None
+    )
     click.echo(report.render())
     for w in report.warnings:
         _echo_err(f"warning: {w}")

@@ -74,6 +74,8 @@ class ExtractConfig:
         retry_failed: re-process rows that failed in an earlier run.
         compile: ``torch.compile`` the model.
         revision: hub revision (branch, tag or commit) of the weights.
+        labels: the manifest's label columns (None: inferred: columns whose values are all
+            1/0/-1/blank; the other columns are kept as metadata, said once).
     """
 
     model: str
@@ -99,6 +101,7 @@ class ExtractConfig:
     retry_failed: bool = False
     compile: bool = False
     revision: str | None = None
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -407,7 +410,9 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     if cfg.shard_rows is not None and cfg.shard_rows < 1:
         raise FeatcacheError(f"--shard-size {cfg.shard_rows}: must be 1 or more")
     num_shards, shard_index = _worker_slice(cfg)
-    manifest = read_manifest(cfg.data, cfg.root)  # validated before any model is loaded
+    manifest = read_manifest(cfg.data, cfg.root, labels=cfg.labels)  # validated before any model is loaded
+    for note in manifest.notes:
+        print(f"featcache extract: {note}", file=sys.stderr)
     # the same image in two splits leaks test into train: refused before any GPU work
     dedup = refuse_cross_split_duplicates(manifest, cache=_hash_cache_path(cfg.data))
     for line in dedup.warnings:

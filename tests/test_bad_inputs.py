@@ -97,6 +97,9 @@ MANIFESTS = {
 }  # fmt: skip
 
 
+DECLARED = {"bom-then-bad-label", "label-two", "label-yes"}
+
+
 @pytest.mark.parametrize("case", list(MANIFESTS))
 def test_bad_manifest_is_one_line(tmp_path, case):
     text, prepare, expect = MANIFESTS[case]
@@ -108,13 +111,16 @@ def test_bad_manifest_is_one_line(tmp_path, case):
         prepare(root, tmp_path)
     csv = root / "m.csv"
     csv.write_bytes(text)
+    # a bad value in a column is an error once the column is declared a label (undeclared, such a
+    # column is kept as metadata with a note)
+    labels = ["effusion"] if case in DECLARED else None
     with pytest.raises(ManifestError) as e:
-        read_manifest(csv)
+        read_manifest(csv, labels=labels)
     _one_line(str(e.value), str(csv), *expect)
     with pytest.raises(ManifestError) as e:
-        check_manifest(csv)
+        check_manifest(csv, labels=labels)
     _one_line(str(e.value), *expect)
-    r = CliRunner().invoke(cli.featcache, ["check", str(csv)])
+    r = CliRunner().invoke(cli.featcache, ["check", str(csv), *(["--labels", "effusion"] if labels else [])])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: ")
 
 

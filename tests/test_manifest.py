@@ -59,7 +59,6 @@ def test_multiclass_and_digest_ignores_formatting(tmp_path):
         ("path\n../a.png\n", "rows 2 (../a.png) have paths outside the root"),
         ("path\n/etc/passwd\n", "rows 2 (/etc/passwd) have paths outside the root"),
         ("path,split\na.png,training\n", "unknown split values ['training']"),
-        ("path,view\na.png,PA\n", "column 'view' has values ['PA'] at rows 2"),
         ("path,effusion,label\na.png,1,x\n", "both a 'label' class column and binary label columns"),
         ("image,label\na.png,x\n", "no 'path' column"),
         ("path,mask\na.png,nomask.png\n", "name mask files that do not exist"),
@@ -105,3 +104,9 @@ def test_bad_column_names(tmp_path, header):
     values = ",".join(["a.png"] + [""] * (header.count(",")))
     with pytest.raises(ManifestError, match="column names"):
         read_manifest(_csv(tmp_path / "m.csv", f"{header}\n{values}\n"))
+
+
+def test_a_declared_label_column_with_other_values_names_the_rows(tmp_path):
+    _files(tmp_path, ["a.png"])
+    with pytest.raises(ManifestError, match=r"label column 'view' has values \['PA'\] at rows 2"):
+        read_manifest(_csv(tmp_path / "m.csv", "path,view\na.png,PA\n"), labels=["view"])

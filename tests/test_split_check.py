@@ -184,7 +184,7 @@ def test_check_counts_each_split(good):
     [
         (lambda c: c["split"].__setitem__(1, "test"), r"patients in more than one split \(leakage\): 'a'"),
         (lambda c: c["id"].__setitem__(3, "img2"), r"duplicate ids: 'img2' at rows 4, 5"),
-        (lambda c: c["edema"].__setitem__(0, 2.0), r"column 'edema' has values \['2'\] at rows 2"),
+        (lambda c: c["edema"].__setitem__(0, 2.0), r"label column 'edema' has values \['2'\] at rows 2"),
         (
             lambda c: c["path"].__setitem__(5, "gone.png"),
             r"rows 7 \(gone.png\) name image files that do not exist",
@@ -197,9 +197,9 @@ def test_check_fails_on_planted_problems(good, plant, message):
     folder, cols = good
     plant(cols)
     path = write_manifest(folder / "m.csv", cols)
-    with pytest.raises(ManifestError, match=message):
-        check_manifest(path)
-    r = CliRunner().invoke(cli.featcache, ["check", str(path)])
+    with pytest.raises(ManifestError, match=message):  # declared labels: a bad value is an error
+        check_manifest(path, labels=["effusion", "edema"])
+    r = CliRunner().invoke(cli.featcache, ["check", str(path), "--labels", "effusion,edema"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: ")
 
@@ -238,3 +238,11 @@ def test_check_warns_once_on_identical_files_in_one_split(good):
     dup = [w for w in report.warnings if "repeat the bytes" in w]
     assert dup == ["1 rows repeat the bytes of another image file of their split ('img0' = 'img1'); "
                    "they are not leakage but weigh those images twice"]  # fmt: skip
+
+
+def test_undeclared_column_with_other_values_is_kept_as_metadata_with_one_note(good):
+    folder, cols = good
+    cols["edema"][0] = 2.0
+    report = check_manifest(write_manifest(folder / "m.csv", cols))
+    notes = [w for w in report.warnings if "edema" in w]
+    assert len(notes) == 1 and len(notes[0]) < 300

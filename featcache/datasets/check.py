@@ -99,6 +99,7 @@ def check_manifest(
     *,
     check_files: bool = True,
     hash_cache: str | Path | None = None,
+    labels: list[str] | tuple[str, ...] | None = None,
 ) -> CheckReport:
     """Validate a manifest and count images, patients and positives per split.
 
@@ -108,6 +109,7 @@ def check_manifest(
         check_files: check that every image and mask file exists, is not empty, declares a size
             within the decode limit, and that no two files of different splits have identical bytes.
         hash_cache: digest cache file for the duplicate check (see ``featcache.dedup.hash_files``).
+        labels: the label columns (None: inferred; other columns kept as metadata, with a warning).
 
     Returns:
         A ``CheckReport`` (table and warnings).
@@ -116,7 +118,7 @@ def check_manifest(
         ManifestError: leakage, duplicate ids, bad label values, missing files, one image in two splits.
         ImageReadError: an empty file or one that declares too many pixels.
     """
-    m = read_manifest(csv_path, root, check_files=check_files)
+    m = read_manifest(csv_path, root, check_files=check_files, labels=labels)
     across, within = _duplicate_paths(m)
     if across:
         shown = ", ".join(across[:_SHOWN]) + (
@@ -126,7 +128,7 @@ def check_manifest(
             f"{m.source}: the same image file is listed in more than one split (leakage): {shown}; "
             "keep one row per image"
         )
-    warnings = []
+    warnings = list(m.notes)
     if within:
         shown = ", ".join(within[:_SHOWN]) + (
             f" and {len(within) - _SHOWN} more" if len(within) > _SHOWN else ""
