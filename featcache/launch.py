@@ -104,6 +104,8 @@ def resolve_slice(
         ws = WorkerSlice(num_shards, shard_index, "options")
     else:
         ws = launched or WorkerSlice(1, 0, "single")
+    if ws.source == "options" and (ws.world < 1 or not 0 <= ws.rank < ws.world):
+        raise FeatcacheError(f"--shard-index {ws.rank} must be in [0, --num-shards {ws.world})")
     if ws.world < 1 or not 0 <= ws.rank < ws.world:
         raise FeatcacheError(
             f"worker index {ws.rank} must be in [0, {ws.world}) (from {ws.source}); "

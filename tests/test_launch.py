@@ -89,7 +89,7 @@ def test_options_win_over_launchers():
         (None, 1, {}, "needs --num-shards"),
         (4, None, {}, "without --shard-index"),
         (4, None, {"RANK": "1", "WORLD_SIZE": "2"}, "launcher says 2"),
-        (2, 2, {}, r"in \[0, 2\)"),
+        (2, 2, {}, r"--shard-index 2 must be in \[0, --num-shards 2\)"),
         (None, None, {"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
         (None, None, {"RANK": "4", "WORLD_SIZE": "4"}, r"in \[0, 4\)"),
     ],
@@ -199,7 +199,8 @@ def test_torchrun_ranks_split_a_small_set_and_match_one_worker(tmp_path, manifes
     one = FeatureStore(tmp_path / "one").open_checked()
     two = FeatureStore(tmp_path / "two").open_checked()
     assert one.shard_rows == 40 and two.shard_rows == 20 and "2 workers" in two.attrs["shard_rows_choice"]
-    np.testing.assert_array_equal(one.read("cls"), two.read("cls"))
+    # other shard sizes make other batches: equal up to float32 summation order
+    np.testing.assert_allclose(one.read("cls"), two.read("cls"), rtol=0, atol=1e-4)
     assert two.attrs["threads"]["intra"] >= 1
 
 
