@@ -153,19 +153,37 @@ _LABELS_HELP = (
     "--dtype",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(["auto", "float32", "bfloat16", "bf16", "float16"]),
+    help="Compute dtype; bf16 on CPU only where it has AVX512-BF16/AMX (never the default there).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch threads of the model [default: cores - decode workers, at least 1].",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of a random: model.")
 @click.option("--shard-size", type=int, help="Rows per shard [default: about 256 MiB of features per shard].")
 @click.option(
     "--num-shards",
-    default=1,
-    show_default=True,
     type=int,
-    help="Workers sharing this store (also from torchrun's WORLD_SIZE).",
+    help="Workers sharing this set [default: torchrun's WORLD_SIZE, else SLURM tasks x array tasks, else 1].",
 )
 @click.option(
-    "--shard-index", default=0, show_default=True, type=int, help="This worker's index (also from RANK)."
+    "--shard-index",
+    type=int,
+    help="This worker's index [default: torchrun's RANK, else from SLURM_PROCID/SLURM_ARRAY_TASK_ID].",
+)
+@click.option(
+    "--slurm",
+    "slurm_spec",
+    help="Submit as a SLURM job array via submitit, e.g. partition=gpu,gpus=8,array=32,time=240 "
+    "(keys: partition, gpus, tasks, array, time, cpus, mem, parallel, account, qos, constraint).",
+)
+@click.option(
+    "--slurm-folder",
+    default="featcache-slurm/%j",
+    show_default=True,
+    help="Where submitit writes the jobs' scripts and logs.",
 )
 @click.option(
     "--on-error",
@@ -199,8 +217,11 @@ def extract(**kw) -> None:
             device=kw["device"], dtype=kw["dtype"], seed=kw["seed"], shard_rows=kw["shard_size"],
             num_shards=kw["num_shards"], shard_index=kw["shard_index"], on_error=kw["on_error"],
             retry_failed=kw["retry_failed"], compile=kw["compile_"], revision=kw["revision"],
-            labels=tuple(_csv_list(kw["labels"])) or None,
+            labels=tuple(_csv_list(kw["labels"])) or None, threads=kw["threads"],
         )  # fmt: skip
+        if kw["slurm_spec"]:
+            _submit(cfg, kw["slurm_spec"], kw["slurm_folder"])
+            return
         r = run_extract(cfg, progress=not quiet)
     except KeyboardInterrupt:
         _echo_err("Interrupted before extraction started; nothing was written")
@@ -213,14 +234,35 @@ def extract(**kw) -> None:
         click.echo(
             f"{r.set_name}: same images, new splits/labels/metadata taken from the manifest (features kept)"
         )
-    click.echo(
-        f"{r.set_name}: {done}/{r.n} rows done, {r.failed} failed, {r.pending} pending "
-        f"({r.processed} processed in {r.seconds:.1f} s, {r.images_per_s:.1f} img/s; {r.shards_skipped} shards already done)"
-    )
+    if r.world > 1:  # one line per worker; the set is complete only once every worker has finished
+        click.echo(
+            f"{r.set_name}: worker {r.rank}/{r.world}: {r.shards_mine} of {r.shards} shards "
+            f"({r.shards_skipped} already done), {r.processed} rows processed in {r.seconds:.1f} s "
+            f"({r.images_per_s:.1f} img/s); set so far {done}/{r.n} rows done, {r.failed} failed, "
+            f"{r.pending} pending (complete when all {r.world} workers finish)"
+        )
+    else:
+        click.echo(
+            f"{r.set_name}: {done}/{r.n} rows done, {r.failed} failed, {r.pending} pending "
+            f"({r.processed} processed in {r.seconds:.1f} s, {r.images_per_s:.1f} img/s; {r.shards_skipped} shards already done)"
+        )
     for f in r.failures:
         _echo_err(f"failed: {f['id']}: {f['reason']}")
     if r.failed:
         sys.exit(3)
+
+
+def _submit(cfg, spec: str, folder: str) -> None:
+    from featcache.launch import parse_slurm_spec, slurm_layout, submit_slurm
+
+    parsed = parse_slurm_spec(spec)
+    jobs = submit_slurm(cfg, parsed, folder)
+    array, tasks = slurm_layout(parsed)
+    click.echo(
+        f"submitted {len(jobs)} SLURM job(s) ({array} x {tasks} tasks = {array * tasks} workers), first job id "
+        f"{jobs[0].job_id if jobs else '-'}; logs in {folder}; re-run the same command without --slurm "
+        "(or `featcache ls`) to check the set"
+    )
 
 
 @featcache.command(name="ls")

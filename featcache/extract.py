@@ -8,7 +8,10 @@ same batches as an uninterrupted one and writes identical arrays.
 
 On CUDA the model runs in bfloat16 (float16 where bf16 is not supported) with
 SDPA attention; the micro-batch starts at ``batch_size`` and halves on
-out-of-memory instead of crashing. On CPU everything is float32.
+out-of-memory instead of crashing. On CPU everything is float32 unless bfloat16 is asked for
+(``--dtype bf16``, only where the CPU has bf16 matmul instructions), and the model's threads
+default to the cores left beside the decode workers (``featcache.launch.set_threads``).
+Several workers (torchrun, SLURM, ``--num-shards``) share a set: see ``featcache.launch``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,18 @@ from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
 from featcache.images import Preprocess, read_image
+from featcache.launch import (
+    WorkerSlice,
+    balance_shard_rows,
+    cpu_bf16_support,
+    default_workers,
+    idle_note,
+    resolve_slice,
+    set_threads,
+)
 from featcache.locks import close_inherited_locks
 from featcache.manifest import Manifest, read_manifest
-from featcache.store import ArraySpec, FeatureSet, FeatureStore, extraction_lock
+from featcache.store import ArraySpec, FeatureSet, FeatureStore, default_shard_rows, extraction_lock
 
 TOKENS = ("cls", "pooled", "registers", "patch")
 
@@ -66,10 +78,14 @@ class ExtractConfig:
         batch_size: images per batch (None: 64 on CUDA, 16 on CPU); halves on CUDA out-of-memory.
         workers: decode worker processes (None: up to 8, one core left for the model).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-        dtype: compute dtype ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        dtype: compute dtype ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``
+            (``bf16``; on CPU only with AVX512-BF16/AMX), ``float16``.
+        threads: torch threads of the model (None: cores minus decode workers, at least 1).
         seed: seed of a ``random:`` model.
-        shard_rows: rows per shard (None: about 256 MiB per shard).
-        num_shards, shard_index: this worker's slice of the shards (several workers, one store).
+        shard_rows: rows per shard (None: about 256 MiB per shard, smaller for a new set when
+            workers outnumber its shards, see ``featcache.launch.balance_shard_rows``).
+        num_shards, shard_index: this worker's slice of the shards (None: from torchrun or SLURM,
+            else a single worker; see ``featcache.launch.resolve_slice`` for the precedence).
         on_error: ``skip`` (record the failure, go on) or ``fail`` (stop, naming the file).
         retry_failed: re-process rows that failed in an earlier run.
         compile: ``torch.compile`` the model.
@@ -95,13 +111,14 @@ class ExtractConfig:
     dtype: str = "auto"
     seed: int = 0
     shard_rows: int | None = None
-    num_shards: int = 1
-    shard_index: int = 0
+    num_shards: int | None = None
+    shard_index: int | None = None
     on_error: str = "skip"
     retry_failed: bool = False
     compile: bool = False
     revision: str | None = None
     labels: tuple[str, ...] | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -120,6 +137,10 @@ class ExtractResult:
         failures: the failed rows (index, id, reason), at most 20.
         manifest_replaced: the set existed with the same images and took the manifest's new
             patients, splits, labels or metadata (no re-embedding).
+        world, rank: the number of workers writing the set and this one's index.
+        shards: shards of the set; shards_mine: those this worker was given.
+        threads: the torch threads used (``featcache.launch.set_threads``).
+        notes: choices made for the user (smaller shards, idle workers), each one line.
     """
 
     set_name: str
@@ -132,6 +153,12 @@ class ExtractResult:
     batch_size: int
     failures: list[dict[str, Any]] = field(default_factory=list)
     manifest_replaced: bool = False
+    world: int = 1
+    rank: int = 0
+    shards: int = 0
+    shards_mine: int = 0
+    threads: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -180,26 +207,45 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``auto`` is bf16 (fp16 without bf16) on CUDA and float32 on CPU, never bf16.
+
+    Raises:
+        FeatcacheError: an unknown name; bf16 on a GPU or CPU without bf16 support; fp16 on CPU.
+    """
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise FeatcacheError(f"--dtype {dtype}: choose one of auto, {', '.join(table)}")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype not in _DTYPES:
+        raise FeatcacheError(f"--dtype {dtype}: choose one of auto, float32, bfloat16 (bf16), float16")
+    want = _DTYPES[dtype]
+    if want == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FeatcacheError("--dtype bfloat16: this GPU has no bfloat16 support; use float16 or auto")
-    return table[dtype]
+    if want == torch.bfloat16 and device.type == "cpu":
+        ok, detail = cpu_bf16_support()
+        if not ok:
+            raise FeatcacheError(
+                f"--dtype bf16 on CPU needs bf16 matmul instructions ({detail}); use --dtype float32"
+            )
+    if want == torch.float16 and device.type == "cpu":
+        raise FeatcacheError("--dtype float16 on CPU is slow and lossy; use float32, or bf16 where supported")
+    return want
 
 
-def _worker_slice(cfg: ExtractConfig) -> tuple[int, int]:
-    num, idx = cfg.num_shards, cfg.shard_index
-    if num == 1 and "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM-style launch
-        num, idx = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    if num < 1 or not 0 <= idx < num:
-        raise FeatcacheError(f"--shard-index {idx} must be in [0, --num-shards {num})")
-    return num, idx
+def _worker_slice(cfg: ExtractConfig) -> WorkerSlice:
+    """This worker's slice of the shards (options, then torchrun, then SLURM; see ``featcache.launch``)."""
+    return resolve_slice(cfg.num_shards, cfg.shard_index)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -371,6 +417,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         ExtractionAborted: a decode worker died or memory ran out; finished shards are kept.
         ExtractionInterrupted: Ctrl-C (also during start-up); finished shards are kept.
     """
+    threads_before = torch.get_num_threads()
     try:
         return _extract(cfg, progress=progress)
     except KeyboardInterrupt:  # before or after the pass (model loading, set creation)
@@ -390,6 +437,8 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
                 "error), then re-run to resume"
             ) from None
         raise
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process's threads as found
 
 
 def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
@@ -409,7 +458,8 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         raise FeatcacheError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
     if cfg.shard_rows is not None and cfg.shard_rows < 1:
         raise FeatcacheError(f"--shard-size {cfg.shard_rows}: must be 1 or more")
-    num_shards, shard_index = _worker_slice(cfg)
+    ws = _worker_slice(cfg)
+    num_shards, shard_index = ws.world, ws.rank
     manifest = read_manifest(cfg.data, cfg.root, labels=cfg.labels)  # validated before any model is loaded
     for note in manifest.notes:
         print(f"featcache extract: {note}", file=sys.stderr)
@@ -419,6 +469,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         print(f"featcache extract: {line}", file=sys.stderr)
     device = _resolve_device(cfg.device)
     dtype = _resolve_dtype(cfg.dtype, device)
+    threads = set_threads(cfg.threads, cfg.workers if cfg.workers is not None else default_workers())
 
     backbone = load_backbone(cfg.model, seed=cfg.seed, device=device, dtype=dtype, revision=cfg.revision)
     spec = backbone.spec
@@ -463,8 +514,21 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
             "within_split": int(sum(len(g.rows) - 1 for g in dedup.within_split)),
         },
     }
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        attrs["cpu_bf16"] = cpu_bf16_support()[1]  # the instructions the bf16 matmuls ran on
     store = FeatureStore(cfg.out, mode="a")
-    fs = store.create_set(name, manifest, specs, attrs, shard_rows=cfg.shard_rows)
+    shard_rows, notes = cfg.shard_rows, []
+    if shard_rows is None and num_shards > 1 and not store.has_set(name):
+        shard_rows, note = balance_shard_rows(len(manifest), default_shard_rows(specs), num_shards)
+        if note:
+            notes.append(note)
+            attrs["shard_rows_choice"] = note
+    fs = store.create_set(name, manifest, specs, attrs, shard_rows=shard_rows)
+    if num_shards > fs.n_shards and not notes:
+        notes.append(idle_note(fs.n, fs.shard_rows, num_shards))
+    if shard_index == 0:  # said once, not by every worker
+        for line in notes:
+            print(f"featcache extract: {line}", file=sys.stderr)
 
     with extraction_lock(fs, shard_index, num_shards):
         # same images, new patients/splits/labels/metadata: take them, keep the features
@@ -558,7 +622,11 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         seconds = time.perf_counter() - t0
 
     status = fs.status
-    fs.update_attrs(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=_device_name(device))
+    fs.update_attrs(
+        updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        device=_device_name(device),
+        threads={k: v for k, v in threads.items() if k != "previous"},
+    )  # also rewrites the consolidated metadata, so other Zarr readers see the finished set
     failures = fs.failures()
     return ExtractResult(
         set_name=name,
@@ -571,6 +639,12 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         batch_size=micro,
         failures=failures[:20],
         manifest_replaced=replaced,
+        world=num_shards,
+        rank=shard_index,
+        shards=fs.n_shards,
+        shards_mine=len(mine),
+        threads=threads,
+        notes=notes,
     )
 
 

@@ -1,9 +1,12 @@
 """File locks of a feature set: one extraction at a time, disjoint worker slices, manifest updates.
 
-Locks are ``flock`` locks on files in the set's folder, released by the kernel when
-the process dies (even by SIGKILL). Remote stores (fsspec URLs) are not locked:
-there, start one worker per slice and never two runs of the same slice.
-This module does not import torch.
+Locks are ``flock`` locks on files released by the kernel when the process dies (even by
+SIGKILL). They live outside the Zarr hierarchy, in a sibling folder of the store,
+``<store>.locks/<set name>/``: any file inside a Zarr v3 group that is not a Zarr node makes
+zarr (and xarray) warn when listing it, hidden or not. Lock files left inside a set by older
+versions (``.extract.lock*``, ``.manifest.lock``) are removed when free, and refused while an
+older featcache still holds them. Remote stores (fsspec URLs) are not locked: there, start
+one worker per slice and never two runs of the same slice. This module does not import torch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featcache.errors import StoreError
@@ -33,16 +37,60 @@ def close_inherited_locks(*_args) -> None:
     _HELD.clear()
 
 
+LOCKS_SUFFIX = ".locks"
+_LEGACY = (".extract.lock", ".extract.lock.*-of-*", ".manifest.lock")
+
+
+def lock_folder(store_path: Path, set_name: str, create: bool = True) -> Path:
+    """``<store>.locks/<set name>/`` beside the store folder (created unless ``create`` is False).
+
+    Raises:
+        StoreError: the folder cannot be made (a read-only parent folder).
+    """
+    base = Path(store_path).resolve()
+    folder = base.parent / (base.name + LOCKS_SUFFIX) / set_name
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"{folder}: cannot create the lock folder beside the store ({e.strerror}); make "
+                f"{base.parent} writable or put the store (--out) in a writable folder"
+            ) from None
+    return folder
+
+
+def _remove_legacy_locks(set_folder: Path) -> None:
+    """Delete lock files an older featcache left inside the set (zarr warns on them); refuse if one is held."""
+    import fcntl
+
+    for pattern in _LEGACY:
+        for path in set_folder.glob(pattern):
+            try:
+                fh = open(path, "a+")
+            except OSError:
+                continue
+            with fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StoreError(
+                        f"{path}: an older featcache is writing this feature set; wait for it to finish "
+                        "(or kill it), then re-run"
+                    ) from None
+                path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def file_lock(fs: FeatureSet, name: str) -> Iterator[None]:
-    """An exclusive, blocking flock on a file in the set's folder (no-op for remote stores)."""
+    """An exclusive, blocking flock on ``<store>.locks/<set>/<name>`` (no-op for remote stores)."""
     base = fs.store.local_path
     if base is None:
         yield
         return
     import fcntl
 
-    with open(base / fs.name / name, "a+") as fh:
+    with open(lock_folder(base, fs.name) / name, "a+") as fh:
         _HELD.append(fh)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -51,7 +99,7 @@ def file_lock(fs: FeatureSet, name: str) -> Iterator[None]:
             _HELD.remove(fh)
 
 
-_SLICE_LOCK = re.compile(r"\.extract\.lock\.(\d+)-of-(\d+)$")
+_SLICE_LOCK = re.compile(r"extract\.lock\.(\d+)-of-(\d+)$")
 
 
 @contextlib.contextmanager
@@ -72,12 +120,12 @@ def extraction_lock(fs: FeatureSet, shard_index: int = 0, num_shards: int = 1) -
         return
     import fcntl
 
-    folder = base / fs.name
+    folder = lock_folder(base, fs.name)
     handles = []
     try:
-        plan = [(folder / ".extract.lock", fcntl.LOCK_EX if num_shards == 1 else fcntl.LOCK_SH)]
+        plan = [(folder / "extract.lock", fcntl.LOCK_EX if num_shards == 1 else fcntl.LOCK_SH)]
         if num_shards > 1:
-            plan.append((folder / f".extract.lock.{shard_index}-of-{num_shards}", fcntl.LOCK_EX))
+            plan.append((folder / f"extract.lock.{shard_index}-of-{num_shards}", fcntl.LOCK_EX))
         for path, kind in plan:
             fh = open(path, "a+")
             handles.append(fh)
@@ -91,6 +139,7 @@ def extraction_lock(fs: FeatureSet, shard_index: int = 0, num_shards: int = 1) -
                 ) from None
         if num_shards > 1:
             _refuse_other_slicing(folder, num_shards, fs.name)
+        _remove_legacy_locks(base / fs.name)
         yield
     finally:
         for fh in handles:
@@ -102,7 +151,7 @@ def extraction_lock(fs: FeatureSet, shard_index: int = 0, num_shards: int = 1) -
 def _refuse_other_slicing(folder, num_shards: int, name: str) -> None:
     import fcntl
 
-    for path in folder.glob(".extract.lock.*-of-*"):
+    for path in folder.glob("extract.lock.*-of-*"):
         m = _SLICE_LOCK.search(path.name)
         if not m or int(m.group(2)) == num_shards:
             continue

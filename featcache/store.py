@@ -54,6 +54,7 @@ from featcache.store_layout import (  # noqa: F401  (re-exported: the store's pu
     _now,
     _set_attrs,
     _unicode,
+    consolidate,
     default_shard_rows,
 )
 from featcache.store_read import ChunkReader, _codecs, _reason
@@ -74,7 +75,7 @@ def _open_root(url: str, mode: str) -> zarr.Group:
     winner's root instead."""
     for attempt in range(5):
         try:
-            return zarr.open_group(url, mode=mode, zarr_format=3)
+            return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False)
         except Exception:
             if mode != "a" or attempt == 4:
                 raise
@@ -106,6 +107,7 @@ class FeatureStore:
             )
         try:
             with write_errors(f"{self.url}: opening the feature store"):
+                # featcache reads each node's own metadata: consolidated copies are for other readers
                 self.root = _open_root(self.url, mode)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: no feature store here; run `featcache extract` first") from None
@@ -175,7 +177,13 @@ class FeatureStore:
                     f"damaged: delete {base / name} and re-run `featcache extract`"
                 )
             raise StoreError(f"{self.url}: no feature set '{name}'; sets here: {sets or 'none'}")
-        return FeatureSet(self, name, self.root[name])
+        return FeatureSet(self, name, self._group(name))
+
+    def _group(self, name: str) -> zarr.Group:
+        """The set's group read from its own ``zarr.json`` (never from consolidated metadata)."""
+        return zarr.open_group(
+            self.root.store, path=name, mode=self.mode, zarr_format=3, use_consolidated=False
+        )
 
     def open_checked(self, name: str | None = None, *, allow_partial: bool = False) -> FeatureSet:
         """Open a set for reading numbers from it, refusing one that cannot be trusted.
@@ -262,6 +270,7 @@ class FeatureStore:
             try:
                 g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
                 _build_set(g, manifest, arrays, full_attrs, rows)
+                consolidate(str(tmp), "")
                 store_io.publish(tmp, final)
             finally:
                 if tmp.exists():
@@ -281,7 +290,8 @@ class FeatureStore:
         except Exception:  # another worker created it first: wait until it is ready, then check it
             return self._wait_for_set(name, manifest, full_attrs.get("config", {}), arrays, shard_rows)
         _build_set(g, manifest, arrays, full_attrs, rows)
-        return FeatureSet(self, name, g)
+        consolidate(self.root.store, name)
+        return FeatureSet(self, name, self._group(name))
 
     def _wait_for_set(self, name, manifest, config, arrays, shard_rows, timeout: float = 120.0) -> FeatureSet:
         deadline = time.monotonic() + timeout

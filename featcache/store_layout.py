@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from featcache import store_io
 from featcache.manifest import Manifest
@@ -23,6 +23,19 @@ PENDING, OK, FAILED = 0, 1, 2
 SET_MARKER = "featcache_set"
 FORMAT_VERSION = 2  # 2: crc32c checksums on every chunk; 1 (no checksums) is still read
 _LARGE_ARRAYS = ("patch", "registers")
+# the string columns also stored as zero-padded UTF-8 bytes (uint8 [N, W]) for readers without
+# variable-length strings (tensorstore, most non-Python Zarr libraries): ``<column>_utf8``
+BYTE_COLUMNS = ("ids", "paths", "patient_ids", "splits")
+BYTES_SUFFIX = "_utf8"
+# named dimensions of the feature arrays beyond the first (``row``), for xarray and other readers
+_DIMENSIONS = {
+    "cls": ("dim",),
+    "pooled": ("dim",),
+    "registers": ("register", "dim"),
+    "patch": ("h", "w", "dim"),
+    "layer_cls": ("layer", "layer_dim"),
+    "layer_pooled": ("layer", "layer_dim"),
+}
 _TARGET_SHARD_BYTES = 256 * 2**20
 
 
@@ -84,9 +97,17 @@ def _build_set(
         _create_feature_array(g, key, n, spec, rows)
     store_io.fault_point("create:status")
     g.create_array(
-        "status", shape=(n,), dtype="uint8", chunks=(rows,), fill_value=PENDING, compressors=_crc()
+        "status",
+        shape=(n,),
+        dtype="uint8",
+        chunks=(rows,),
+        fill_value=PENDING,
+        compressors=_crc(),
+        dimension_names=["row"],
     )
-    g.create_array("failure", shape=(n,), dtype=str, chunks=(rows,), compressors=_crc())
+    g.create_array(
+        "failure", shape=(n,), dtype=str, chunks=(rows,), compressors=_crc(), dimension_names=["row"]
+    )
     store_io.fault_point("create:attrs")
     g.attrs.update({k: v for k, v in attrs.items() if k != SET_MARKER})
     store_io.fault_point("create:marker")
@@ -101,6 +122,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def dimension_names(key: str, ndim: int) -> list[str]:
+    """Names of an array's dimensions: ``row`` first, then e.g. ``dim`` or ``h, w, dim`` (see ``_DIMENSIONS``)."""
+    rest = _DIMENSIONS.get(key)
+    if rest is None or len(rest) != ndim - 1:
+        rest = tuple(f"{key}_{i}" for i in range(1, ndim))
+    return ["row", *rest]
+
+
 def _write_column(g: zarr.Group, key: str, values: np.ndarray) -> None:
     a = g.create_array(
         key,
@@ -109,12 +138,47 @@ def _write_column(g: zarr.Group, key: str, values: np.ndarray) -> None:
         chunks=(max(1, min(len(values), 65536)),),
         overwrite=True,
         compressors=_crc(),
+        dimension_names=["row"],
     ).with_config({"write_empty_chunks": True})
     if len(values):
         a[:] = values.astype(str)
+    if key in BYTE_COLUMNS:
+        _write_bytes_column(g, key, values)
+
+
+def utf8_matrix(values: np.ndarray) -> np.ndarray:
+    """uint8 [N, W]: each string's UTF-8 bytes, zero-padded to the longest (W >= 1)."""
+    encoded = [str(v).encode("utf-8") for v in np.asarray(values).tolist()]
+    width = max([1, *map(len, encoded)])
+    out = np.zeros((len(encoded), width), np.uint8)
+    for i, b in enumerate(encoded):
+        out[i, : len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def decode_utf8_matrix(m: np.ndarray) -> np.ndarray:
+    """The strings of a ``utf8_matrix`` (str [N]); the reference decoder for other languages' readers."""
+    return np.array([bytes(r).rstrip(b"\0").decode("utf-8") for r in np.asarray(m, np.uint8)], dtype=np.str_)
+
+
+def _write_bytes_column(g: zarr.Group, key: str, values: np.ndarray) -> None:
+    m = utf8_matrix(values)
+    a = g.create_array(
+        key + BYTES_SUFFIX,
+        shape=m.shape,
+        dtype="uint8",
+        chunks=(max(1, min(len(m), 65536)), m.shape[1]),
+        overwrite=True,
+        compressors=[ZstdCodec(level=3), *_crc()],
+        dimension_names=["row", f"{key}_byte"],
+        attributes={"encoding": "utf-8, zero-padded", "column": key},
+    ).with_config({"write_empty_chunks": True})
+    if len(m):
+        a[:] = m
 
 
 _MANIFEST_COLUMNS = ("patient_ids", "splits", "masks", "classes", "labels", "meta")
+_MANIFEST_COLUMNS += tuple(k + BYTES_SUFFIX for k in ("patient_ids", "splits"))
 
 
 def _write_manifest_columns(g: zarr.Group, manifest: Manifest) -> None:
@@ -135,6 +199,7 @@ def _write_manifest_columns(g: zarr.Group, manifest: Manifest) -> None:
             dtype="float32",
             chunks=manifest.labels.shape,
             compressors=_crc(),
+            dimension_names=["row", "label"],
         ).with_config({"write_empty_chunks": True})
         a[:] = manifest.labels
     for key, values in manifest.meta.items():
@@ -172,6 +237,7 @@ def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shar
             shards=(shard_rows, *spec.shape),
             compressors=compressor,
             fill_value=0,
+            dimension_names=dimension_names(key, len(shape)),
         )
     else:
         g.create_array(
@@ -181,6 +247,7 @@ def _create_feature_array(g: zarr.Group, key: str, n: int, spec: ArraySpec, shar
             chunks=(shard_rows, *spec.shape),
             compressors=compressor,
             fill_value=0,
+            dimension_names=dimension_names(key, len(shape)),
         )
 
 
@@ -190,6 +257,21 @@ def _unicode(values: Any) -> np.ndarray:
     if values.dtype.kind == "U":
         return values
     return np.array(values.tolist(), dtype=np.str_) if values.size else np.zeros(values.shape, np.str_)
+
+
+def consolidate(store: Any, path: str) -> None:
+    """Write the consolidated metadata of the group at ``path`` into its ``zarr.json``.
+
+    Readers such as ``xarray.open_zarr(..., consolidated=True)`` then open a set with one read.
+    Only metadata is consolidated (no chunk content), so shard writes never make it stale;
+    every attribute update or array (re)creation is followed by this call.
+    """
+    import warnings
+
+    store_io.fault_point("consolidate")
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 specification"
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store, path=path or None, zarr_format=3)
 
 
 def _jsonable(v: Any) -> Any:

@@ -29,6 +29,7 @@ from featcache.store_layout import (
     _manifest_attrs,
     _now,
     _write_manifest_columns,
+    consolidate,
 )
 
 
@@ -133,7 +134,7 @@ class ShardWriter:
         """
         if self.attrs.get("rows_digest") != manifest.rows_digest():
             raise StoreError(f"{self.name}: the manifest lists other images; extract them into another set")
-        with file_lock(self, ".manifest.lock"):
+        with file_lock(self, "manifest.lock"):
             self.refresh()
             if not self.needs_manifest(manifest):
                 return False
@@ -150,17 +151,34 @@ class ShardWriter:
     def refresh(self) -> None:
         """Re-read the set's attributes from the store (another process may have changed them)."""
         self.group = zarr.open_group(
-            self.store.root.store, path=self.name, mode="a" if self.store.mode == "a" else "r"
+            self.store.root.store,
+            path=self.name,
+            mode="a" if self.store.mode == "a" else "r",
+            zarr_format=3,
+            use_consolidated=False,
         )
         self.attrs = dict(self.group.attrs)
 
     def update_attrs(self, **kv: Any) -> None:
-        """Merge attributes into the set's provenance, on top of what is stored now (not a stale copy)."""
-        with write_errors(f"{self.store.url}: writing the attributes of feature set '{self.name}'"):
+        """Merge attributes into the set's provenance, on top of what is stored now (not a stale copy).
+
+        The set's consolidated metadata is rewritten after (an attribute write drops it), under a
+        lock so that two workers finishing at once leave it valid.
+        """
+        with (
+            write_errors(f"{self.store.url}: writing the attributes of feature set '{self.name}'"),
+            file_lock(self, "attrs.lock"),
+        ):
             self.refresh()
             store_io.fault_point("attrs")
             self.group.attrs.update(kv)
             self.attrs = dict(self.group.attrs)
+            self.consolidate()
+
+    def consolidate(self) -> None:
+        """Rewrite the set's consolidated metadata (what ``xarray.open_zarr(consolidated=True)`` reads)."""
+        with write_errors(f"{self.store.url}: consolidating the metadata of feature set '{self.name}'"):
+            consolidate(self.store.root.store, self.name)
 
     def _check_compatible(
         self, manifest: Manifest, config: dict, arrays: dict[str, ArraySpec], shard_rows: int | None = None
