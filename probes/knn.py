@@ -21,6 +21,10 @@ given.
   to one at every k; multi-label: the known-weighted mean). Same arg-max, different ranking
   across images, hence different AUROC, for k < W.
 
+Past RAM or at the hardware's bf16 speed: ``probes.knn_search.ScalableKNNProbe`` (the same
+probe with ``search="stream"``, train rows streamed block by block, or ``search="bf16"``, a bf16
+candidate search re-ranked exactly).
+
 k above the number of indexed train rows is capped at that number; the capped values are
 recorded in ``k_effective_`` / ``softmax_k_effective_`` and said once as a warning.
 
@@ -251,9 +255,9 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             self.
         """
         ks = self._check_params()
-        X = checked_features(X, "X_train")
+        X, n, d = self._fit_input(X, y)
         if self.task == "multiclass":
-            y, names = checked_classes(y, X.shape[0])
+            y, names = checked_classes(y, n)
             rows = np.flatnonzero(y >= 0)
             if rows.size == 0:
                 raise ProbeInputError("no train row has a class: check the labels of the train split")
@@ -263,19 +267,18 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             if y is None:
                 raise ProbeInputError("KNNProbe requires y to be passed, but the target y is None")
             try:
-                y = check_targets(y, self.task, X.shape[0], "Y_train")
+                y = check_targets(y, self.task, n, "Y_train")
             except FeatcacheError as err:
                 raise ProbeInputError(str(err)) from None
-            rows = np.arange(X.shape[0])
+            rows = np.arange(n)
             self.n_labels_ = y.shape[1]
             self.classes_ = np.arange(self.n_labels_)
-        every = rows.size == X.shape[0]
+        every = rows.size == n
         self.train_rows_ = rows.astype(np.int64)
         self.targets_ = y if every else y[rows]
-        self.index_ = faiss.IndexFlatIP(X.shape[1])
-        self.index_.add(l2_normalize(X if every else X[rows]))
+        self._build_index(X, None if every else rows, n, d)
         self.n_train_ = int(rows.size)
-        self.n_features_in_ = int(X.shape[1])
+        self.n_features_in_ = int(d)
         eff = {v: min(v, self.n_train_) for v in ks}
         self.k_effective_ = eff[ks[0]] if np.isscalar(self.k) else eff
         w = None if self.softmax_k is None else int(self.softmax_k)
@@ -288,6 +291,16 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
                 stacklevel=2,
             )
         return self
+
+    def _fit_input(self, X, y) -> tuple[np.ndarray, int, int]:
+        """(checked float32 X [N, D], N, D); subclasses may take other train sources."""
+        X = checked_features(X, "X_train")
+        return X, X.shape[0], X.shape[1]
+
+    def _build_index(self, X: np.ndarray, rows: np.ndarray | None, n: int, d: int) -> None:
+        """Index X's rows ``rows`` (None: all) in a FAISS ``IndexFlatIP`` over the normalised rows."""
+        self.index_ = faiss.IndexFlatIP(d)
+        self.index_.add(l2_normalize(X if rows is None else X[rows]))
 
     def __getstate__(self):
         # FAISS indexes are SWIG objects: pickle (and joblib) them through their byte form.
@@ -302,13 +315,19 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         super().__setstate__(state)
 
     def _check_fitted(self):
-        if not hasattr(self, "index_"):
+        if not hasattr(self, "n_train_"):
             raise ProbeNotFittedError("this KNNProbe is not fitted yet: call fit(X_train, Y_train) first")
 
     def _search(self, Xq: np.ndarray, kmax: int):
         with _FaissThreads(self.n_jobs):
             sims, idx = self.index_.search(l2_normalize(Xq), kmax)
         return sims, idx
+
+    def _neighbours(self, X: np.ndarray, kmax: int):
+        """Yield ``(query slice, sims float32 [b, kmax], index positions int64 [b, kmax])`` per query block."""
+        for start in range(0, X.shape[0], _QUERY_BLOCK):
+            block = slice(start, start + _QUERY_BLOCK)
+            yield (block, *self._search(X[block], kmax))
 
     def kneighbors(self, X: np.ndarray, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest train rows by cosine similarity.
@@ -327,9 +346,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         kmax = min(int(n_neighbors), self.n_train_)
         sims = np.empty((X.shape[0], kmax), dtype=np.float32)
         idx = np.empty((X.shape[0], kmax), dtype=np.int64)
-        for start in range(0, X.shape[0], _QUERY_BLOCK):
-            block = slice(start, start + _QUERY_BLOCK)
-            s, i = self._search(X[block], kmax)
+        for block, s, i in self._neighbours(X, kmax):
             sims[block], idx[block] = s, self.train_rows_[i]
         return sims, idx
 
@@ -343,9 +360,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         window = min(window, self.n_train_)
         kmax = window if vote == "dinov2" else max(eff.values())
         out = {k: np.empty((X.shape[0], self.n_labels_)) for k in ks}
-        for start in range(0, X.shape[0], _QUERY_BLOCK):
-            block = slice(start, start + _QUERY_BLOCK)
-            sims, idx = self._search(X[block], kmax)
+        for block, sims, idx in self._neighbours(X, kmax):
             votes = knn_vote(
                 sims,
                 self.targets_[idx],
