@@ -66,10 +66,9 @@ from featcache.store import FeatureSet, FeatureStore
 
 from .data import SPLITS, carve_val, open_checked_set
 from .results import append_jsonl, make_rows
-from .seg_frame import SPACING_TAGS, nearest_resize, pixel_spacing, to_mask_frame, visible_box
-from .seg_heads import HEADS, SegProbe, StoreTokens, _baseline_from_counts, _resolved_lr, mean_mask_baseline
-from .seg_metrics import SEG_METRICS, _over_structures, _per_structure, dice, hd95, jaccard, seg_metrics
-from .stats import bootstrap_ci
+from .seg_frame import SPACING_TAGS, Scorer, nearest_resize, pixel_spacing
+from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
+from .seg_metrics import SEG_METRICS, _ci_entries, dice, hd95, jaccard, seg_metrics
 
 __all__ = [
     "HEADS",
@@ -185,49 +184,6 @@ def _rows_of(fs: FeatureSet, seed: int, val_fraction: float) -> tuple[dict[str, 
         keep["val"], keep["train"] = keep["train"][to_val], keep["train"][~to_val]
         carved = True
     return keep, carved
-
-
-def _ci_entries(
-    values: dict[str, np.ndarray], names: list[str], patients: np.ndarray, n_boot: int, seed: int
-):
-    """Per structure and mean: (label, metric, value, ci fields) from per-image values [n, K]."""
-    entries = []
-    dummy = np.zeros(len(patients))
-    for metric in SEG_METRICS:
-        v = values[metric]
-        per = _per_structure(v)
-        ci = bootstrap_ci(_per_structure, v, dummy, patients, n_boot, seed)
-        low, high, skipped = np.atleast_1d(ci.low), np.atleast_1d(ci.high), np.atleast_1d(ci.n_skipped)
-        for j, name in enumerate(names):
-            defined = ~np.isnan(v[:, j])
-            entries.append(
-                {
-                    "label": name,
-                    "metric": metric,
-                    "value": float(per[j]),
-                    "ci_low": float(low[j]),
-                    "ci_high": float(high[j]),
-                    "n_boot": n_boot,
-                    "n_boot_skipped": int(skipped[j]),
-                    "n_test": int(defined.sum()),
-                    "n_patients_test": int(len(np.unique(patients[defined]))),
-                }
-            )
-        ci = bootstrap_ci(_over_structures, v, dummy, patients, n_boot, seed)
-        entries.append(
-            {
-                "label": "mean",
-                "metric": metric,
-                "value": _over_structures(v),
-                "ci_low": float(ci.low),
-                "ci_high": float(ci.high),
-                "n_boot": n_boot,
-                "n_boot_skipped": int(ci.n_skipped),
-                "n_test": len(patients),
-                "n_patients_test": int(len(np.unique(patients))),
-            }
-        )
-    return entries
 
 
 def _hd95_unit(image_paths: Sequence[Path]) -> tuple[list, str, dict[str, Any]]:
@@ -377,7 +333,7 @@ def run_seg(
     folder = Path(save_masks) if save_masks is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    scorer = _Scorer(pre, counts, K, scored_at)
+    scorer = Scorer(pre, counts, K, scored_at)
     probe_vals = {m: np.full((len(test), K), np.nan) for m in SEG_METRICS}
     base_vals = {m: np.full((len(test), K), np.nan) for m in SEG_METRICS}
     model = probe._model()
@@ -438,53 +394,3 @@ def run_seg(
     if out is not None:
         append_jsonl(out, rows)
     return rows
-
-
-class _Scorer:
-    """Puts one test image's head logits, its mask and the baseline into the scoring frame.
-
-    Args:
-        pre: the extraction's preprocessing.
-        counts: int64 [K + 1, res, res] per-class pixel counts of the transformed training masks.
-        n_structures: K.
-        scored_at: ``mask`` or ``model``.
-    """
-
-    def __init__(self, pre: Preprocess, counts: np.ndarray, n_structures: int, scored_at: str):
-        import torch
-        import torch.nn.functional as F
-
-        self.pre, self.K, self.scored_at = pre, n_structures, scored_at
-        self.freq = torch.from_numpy((counts / max(1, counts[:, 0, 0].sum())).astype(np.float32))
-        self.base_model = _baseline_from_counts(counts)
-        self._up = lambda maps: F.interpolate(
-            maps[None], size=(pre.res, pre.res), mode="bilinear", align_corners=False
-        )[0]
-
-    def __call__(self, logits, truth: np.ndarray, spacing, baseline: bool):
-        """(pred int64 [H', W'], truth int64 [H', W'], baseline int64 [H', W'] or None, spacing or None).
-
-        Args:
-            logits: float32 torch [K + 1, h', w'] of the head.
-            truth: int64 [H, W] mask as read.
-            spacing: the image's :class:`~probes.seg_frame.Spacing`, or None (HD95 in pixels).
-            baseline: whether to put the mean-mask baseline in the frame too.
-        """
-        pre, shape = self.pre, truth.shape
-        if self.scored_at == "model":
-            h, w, _, _ = pre.geometry(*shape)
-            mm = (
-                None
-                if spacing is None
-                else tuple(np.multiply(spacing.for_shape(shape), (shape[0] / h, shape[1] / w)))
-            )
-            pred = self._up(logits).argmax(0).numpy()
-            return pred, pre.transform_mask(truth), self.base_model if baseline else None, mm
-        rows, cols = visible_box(pre, shape)
-        pred = to_mask_frame(logits, pre, shape)[:, rows, cols].argmax(0).numpy()
-        base = None
-        if baseline:
-            freq = to_mask_frame(self.freq, pre, shape)[:, rows, cols].numpy()
-            base = _baseline_from_counts(freq)
-        mm = None if spacing is None else spacing.for_shape(shape)
-        return pred, truth[rows, cols], base, mm
