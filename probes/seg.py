@@ -76,7 +76,7 @@ from .data import SPLITS, carve_val, open_checked_set
 from .results import append_jsonl, make_rows
 from .seg_frame import SPACING_TAGS, Scorer, nearest_resize, pixel_spacing
 from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
-from .seg_metrics import SEG_METRICS, _ci_entries, dice, hd95, jaccard, seg_metrics
+from .seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
 from .seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
 from .seg_unet import LayerChoice, resolve_layers
 from .seg_volume import SCORED_PER, score_volumes, slice_spacings, spacing_unit, volume_groups
