@@ -12,7 +12,14 @@ Each side runs in its own process; memory is the peak resident set size of that 
 size after imports (torch, scikit-learn and torch's deterministic-mode machinery, on both sides),
 and times exclude those imports.
 
+Heads and token sources (``--heads``): each of linear, conv and unet on the last layer's tokens, and
+unet / linear on four layers, trained on the cache in its own process (time, peak memory, token
+bytes per image, test Dice). Until the extraction stores ``layer_patch``, the four-layer source is a
+copy of the set whose ``layer_patch`` holds the last layer four times (the cost is that of four
+layers; the Dice says nothing about intermediate layers).
+
 Run: python benchmarks/bench_seg.py [--patients 48] [--res 128] [--epochs 10] [--threads 2] [--json out.json]
+     [--heads linear,conv,unet,unet@last4,linear@last4]
 """
 
 from __future__ import annotations
@@ -138,6 +145,58 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
     }
 
 
+def run_head(spec: str, cache: str, epochs: int, threads: int) -> dict:
+    """One head on one token source (``head`` or ``head@layers``) on the cache; time, memory, Dice."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import probes.seg as seg
+    from featcache.store import FeatureStore
+
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
+    head, _, layers = spec.partition("@")
+    store = FeatureStore(cache)
+    name = next(n for n in store.list_sets() if n.endswith("-layers") == bool(layers))
+    fs = store.open_set(name)
+    shape = fs.shape("layer_patch" if layers else "patch")[1:]
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    rows = seg.run_seg(cache, name, head=head, layers=layers or None, epochs=epochs, patience=epochs,
+                       n_boot=200, baseline=False, scored_at="model")  # fmt: skip
+    seconds = time.perf_counter() - t0
+    dice = next(r["value"] for r in rows if r["label"] == "mean" and r["metric"] == "dice")
+    return {
+        "head": spec,
+        "seconds": seconds,
+        "peak_mb_over_imports": _peak_mb() - base,
+        "token_bytes_per_image": int(np.prod(shape)) * 2,
+        "dice": dice,
+    }
+
+
+def _layered_copy(cache: Path, n_layers: int = 4) -> None:
+    """A second set of the cache whose ``layer_patch`` holds the last layer's tokens ``n_layers`` times."""
+    from featcache.manifest import Manifest
+    from featcache.store import ArraySpec, FeatureStore
+
+    store = FeatureStore(cache, mode="a")
+    fs = store.open_set()
+    m = Manifest(source="bench", root=fs.root, paths=fs.paths, ids=fs.ids, patient_ids=fs.patient_ids,
+                 splits=fs.splits, masks=fs.masks)  # fmt: skip
+    h, w, d = fs.shape("patch")[1:]
+    attrs = {**fs.attrs, "layers": list(range(12 - n_layers, 12))}
+    arrays = {"cls": ArraySpec((d,)), "layer_patch": ArraySpec((n_layers, h, w, d), "float16")}
+    out = store.create_set(fs.name + "-layers", m, arrays, attrs, shard_rows=fs.shard_rows)
+    for s in range(out.n_shards):
+        lo, hi = out.shard_range(s)
+        patch = fs.read("patch", np.arange(lo, hi))
+        data = {
+            "cls": np.zeros((hi - lo, d), np.float32),
+            "layer_patch": np.repeat(patch[:, None], n_layers, 1),
+        }
+        out.write_shard(s, data, {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patients", type=int, default=48, help="synthetic patients (two films each)")
@@ -146,11 +205,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--side", choices=["cached", "fly"], help=argparse.SUPPRESS)
+    ap.add_argument("--heads", default="linear,conv,unet,unet@last4,linear@last4", help="'' to skip")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.cache, args.epochs, args.threads)))
+        if args.side.startswith("head:"):
+            print(json.dumps(run_head(args.side[5:], args.cache, args.epochs, args.threads)))
+        else:
+            print(json.dumps(run_side(args.side, args.cache, args.epochs, args.threads)))
         return
 
     import torch
@@ -198,6 +261,21 @@ def main() -> None:
             f"  cached is {report['speedup']:.1f}x faster; memory ratio (fly / cached) {report['memory_ratio']:.2f}; "
             f"same Dice: {report['same_dice']}"
         )
+        heads = [h for h in args.heads.split(",") if h]
+        if heads:
+            if any("@" in h for h in heads):
+                _layered_copy(tmp / "cache")
+            report["heads"] = []
+            for h in heads:
+                cmd = [sys.executable, __file__, "--side", f"head:{h}", "--cache", str(tmp / "cache")]
+                cmd += ["--epochs", str(args.epochs), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                report["heads"].append(row)
+                print(
+                    f"  head {row['head']:14} {row['seconds']:6.2f} s, peak +{row['peak_mb_over_imports']:.0f} MB, "
+                    f"{row['token_bytes_per_image'] / 1024:.0f} KiB tokens/image, Dice {row['dice']:.4f}"
+                )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))

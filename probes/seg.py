@@ -15,9 +15,17 @@ padding = background) into the ``res`` x ``res`` model frame and from there to t
 exact ties the other way). Structures are named by ``structures`` (``lung,heart`` names labels 1,
 2), else ``structure_1``...
 
-Heads: :class:`probes.seg_heads.SegProbe` (``linear`` 1x1 conv, ``conv`` light decoder), trained with
-torch on CPU; ``import probes.seg`` itself does not import torch. The loss and the validation Dice
-used for early stopping are computed on the training grid.
+Tokens: the last layer's ``patch`` array, or several layers of ``layer_patch`` (``layers``, see
+:mod:`probes.seg_unet`); ``params.layers`` and the rows' ``features`` say which.
+
+Heads: :class:`probes.seg_heads.SegProbe` (``linear`` 1x1 conv, ``conv`` light decoder, ``unet``
+U-Net-style decoder with skips from several layers), trained with torch on CPU; ``import
+probes.seg`` itself does not import torch. The loss and the validation Dice used for early stopping
+are computed on the training grid. ``protocol="dinov2-radiology-linear"`` instead trains the
+DINOv2-radiology study's linear decoder as its code does (:mod:`probes.seg_study`).
+
+Volumes (``scored_per="volume"``): the test slices of a slice manifest are stacked per volume and
+scored as 3-D objects (:mod:`probes.seg_volume`).
 
 Scoring (``scored_at``), test images one at a time:
 
@@ -66,14 +74,18 @@ from featcache.store import FeatureSet, FeatureStore
 
 from .data import SPLITS, carve_val, open_checked_set
 from .results import append_jsonl, make_rows
-from .seg_frame import SPACING_TAGS, nearest_resize, pixel_spacing, to_mask_frame, visible_box
-from .seg_heads import HEADS, SegProbe, StoreTokens, _baseline_from_counts, _resolved_lr, mean_mask_baseline
-from .seg_metrics import SEG_METRICS, _over_structures, _per_structure, dice, hd95, jaccard, seg_metrics
-from .stats import bootstrap_ci
+from .seg_frame import SPACING_TAGS, Scorer, nearest_resize, pixel_spacing
+from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
+from .seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
+from .seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
+from .seg_unet import LayerChoice, resolve_layers
+from .seg_volume import SCORED_PER, score_volumes, slice_spacings, spacing_unit, volume_groups
 
 __all__ = [
     "HEADS",
+    "PROTOCOLS",
     "SCORED_AT",
+    "SCORED_PER",
     "SEG_METRICS",
     "SegProbe",
     "StoreTokens",
@@ -187,49 +199,6 @@ def _rows_of(fs: FeatureSet, seed: int, val_fraction: float) -> tuple[dict[str, 
     return keep, carved
 
 
-def _ci_entries(
-    values: dict[str, np.ndarray], names: list[str], patients: np.ndarray, n_boot: int, seed: int
-):
-    """Per structure and mean: (label, metric, value, ci fields) from per-image values [n, K]."""
-    entries = []
-    dummy = np.zeros(len(patients))
-    for metric in SEG_METRICS:
-        v = values[metric]
-        per = _per_structure(v)
-        ci = bootstrap_ci(_per_structure, v, dummy, patients, n_boot, seed)
-        low, high, skipped = np.atleast_1d(ci.low), np.atleast_1d(ci.high), np.atleast_1d(ci.n_skipped)
-        for j, name in enumerate(names):
-            defined = ~np.isnan(v[:, j])
-            entries.append(
-                {
-                    "label": name,
-                    "metric": metric,
-                    "value": float(per[j]),
-                    "ci_low": float(low[j]),
-                    "ci_high": float(high[j]),
-                    "n_boot": n_boot,
-                    "n_boot_skipped": int(skipped[j]),
-                    "n_test": int(defined.sum()),
-                    "n_patients_test": int(len(np.unique(patients[defined]))),
-                }
-            )
-        ci = bootstrap_ci(_over_structures, v, dummy, patients, n_boot, seed)
-        entries.append(
-            {
-                "label": "mean",
-                "metric": metric,
-                "value": _over_structures(v),
-                "ci_low": float(ci.low),
-                "ci_high": float(ci.high),
-                "n_boot": n_boot,
-                "n_boot_skipped": int(ci.n_skipped),
-                "n_test": len(patients),
-                "n_patients_test": int(len(np.unique(patients))),
-            }
-        )
-    return entries
-
-
 def _hd95_unit(image_paths: Sequence[Path]) -> tuple[list, str, dict[str, Any]]:
     """Pixel spacings of the test images and the one HD95 unit for all of them.
 
@@ -256,24 +225,38 @@ def _hd95_unit(image_paths: Sequence[Path]) -> tuple[list, str, dict[str, Any]]:
     return [None] * len(spacings), "px", params
 
 
+def _test_spacings(fs: FeatureSet, test: np.ndarray, data_root: Path, per_volume: bool):
+    """Spacing per test row (for the scorer) and the params recording the HD95 unit."""
+    recorded, why_not = slice_spacings(fs, test)
+    if why_not is None or per_volume:
+        return recorded, spacing_unit(recorded, why_not, stacklevel=4)
+    spacings, _, unit_params = _hd95_unit([data_root / fs.paths[r] for r in test])
+    return spacings, unit_params
+
+
 def run_seg(
     cache: str | os.PathLike | FeatureStore,
     set_name: str | None = None,
     *,
     head: str = "linear",
     features: str = "patch",
+    layers: str | Sequence[int] | None = None,
+    protocol: str | None = None,
     structures: Sequence[str] | None = None,
-    epochs: int = 100,
+    epochs: int | None = None,
     lr: float | None = None,
     weight_decay: float = 1e-4,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     patience: int = 10,
+    hidden: int = 128,
+    stages: int = 2,
     train_scale: int = 4,
     seed: int = 0,
     n_boot: int = 1000,
     val_fraction: float = 0.2,
     baseline: bool = True,
     scored_at: str = "mask",
+    scored_per: str = "slice",
     root: str | os.PathLike | None = None,
     save_masks: str | os.PathLike | None = None,
     max_memory_mb: float = 2048,
@@ -283,11 +266,19 @@ def run_seg(
 
     Args:
         cache: feature store folder, URL or open ``FeatureStore``.
-        set_name: feature set (None: the store's only set); it must hold ``patch`` tokens and masks.
-        head: ``linear`` or ``conv``.
-        features: the token array, ``patch`` (float16 [N, h, w, D]).
+        set_name: feature set (None: the store's only set); it must hold patch tokens and masks.
+        head: ``linear``, ``conv`` or ``unet``.
+        features: the single-layer token array, ``patch`` (float16 [N, h, w, D]), when ``layers``
+            is None.
+        layers: ``last`` / None (``patch``), ``lastN`` or layer indices of ``layer_patch``
+            (:func:`probes.seg_unet.resolve_layers`).
+        protocol: None (our training: AdamW, cross-entropy, early stopping on val Dice) or
+            ``dinov2-radiology-linear`` (:mod:`probes.seg_study`; needs ``head="linear"``).
         structures: names of labels 1..K (default ``structure_1``...).
-        epochs, lr, weight_decay, batch_size, patience: training settings (see :class:`SegProbe`).
+        epochs, lr, weight_decay, batch_size, patience: training settings (see :class:`SegProbe`);
+            ``epochs``/``batch_size`` None: 100/16, or the study's 10/128 under its protocol (which
+            searches its learning-rate grid unless ``lr`` is given, and uses no weight decay).
+        hidden, stages: width and x2 up-blocks of the ``conv``/``unet`` decoders.
         train_scale: the loss and validation Dice are computed at this multiple of the token grid
             (at most ``res``).
         seed: seed of the head's initialisation and shuffling, of the bootstrap and of a carved val.
@@ -296,10 +287,13 @@ def run_seg(
         baseline: also score the mean training mask (``probe="seg-baseline"`` rows).
         scored_at: ``mask`` (each mask's own pixels, the default) or ``model`` (the ``res`` x ``res``
             model input); see the module docstring.
+        scored_per: ``slice`` (every test image, the default) or ``volume`` (slices of a slice
+            manifest stacked per ``meta_volume``, :mod:`probes.seg_volume`).
         root: folder the mask and image paths are relative to (default: the root recorded at
             extraction); the images are only opened for their DICOM pixel spacing.
         save_masks: folder for the predicted test label maps (PNG in the scoring frame, named by row
-            id; one structure: 0/255, several: label values).
+            id; one structure: 0/255, several: label values); per volume also
+            ``volumes/<volume>.npy`` (uint8 [S, H, W], slices in ``meta_slice`` order).
         max_memory_mb: train + val tokens up to this size are held in memory, larger sets are
             streamed from the store every epoch.
         out: JSON-lines file to append the rows to.
@@ -307,7 +301,8 @@ def run_seg(
     Returns:
         Result rows: ``probe="seg"`` (and ``"seg-baseline"``), ``head``, ``label`` a structure or
         ``mean``, ``metric`` in ``dice``, ``jaccard``, ``dice_jaccard_mean``, ``hd95``, with CIs;
-        ``params`` records ``scored_at``, ``hd95_unit`` and every carve or fallback.
+        ``params`` records ``scored_at``, ``scored_per``, ``layers``, ``hd95_unit`` and every carve or
+        fallback.
 
     Raises:
         FeatcacheError: an interrupted manifest replacement, no patch tokens or masks in the set, no
@@ -317,22 +312,35 @@ def run_seg(
         raise FeatcacheError(f"--head {head!r}: choose one of {', '.join(HEADS)}")
     if scored_at not in SCORED_AT:
         raise FeatcacheError(f"scored_at {scored_at!r}: choose one of {', '.join(SCORED_AT)}")
+    if scored_per not in SCORED_PER:
+        raise FeatcacheError(f"--scored-per {scored_per!r}: choose one of {', '.join(SCORED_PER)}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise FeatcacheError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if protocol is not None and head != "linear":
+        raise FeatcacheError(f"--protocol {protocol} trains the study's linear decoder; use --head linear")
     if not 0 <= val_fraction < 1:
         raise FeatcacheError(f"val_fraction must be in [0, 1); got {val_fraction}")
     fs = open_checked_set(cache, set_name)
-    if features not in fs.arrays() or len(fs.shape(features)) != 4:
-        raise StoreError(
-            f"{fs.name}: no patch tokens '{features}' [N, h, w, D] stored (arrays: {', '.join(fs.arrays())}); "
-            "extract with --tokens cls,pooled,patch"
-        )
+    if layers is None and features != "patch":
+        if features not in fs.arrays() or len(fs.shape(features)) != 4:
+            raise StoreError(
+                f"{fs.name}: no patch tokens '{features}' [N, h, w, D] stored (arrays: "
+                f"{', '.join(fs.arrays())}); extract with --tokens cls,pooled,patch"
+            )
+        choice = LayerChoice(features, None, ("last",), features)
+    else:
+        choice = resolve_layers(fs, layers)
     pre_cfg = fs.attrs.get("preprocessing")
     if not pre_cfg:
         raise StoreError(f"{fs.name}: no preprocessing recorded; masks cannot be aligned with the patch grid")
     pre = Preprocess.from_dict(pre_cfg)
     res = pre.res
-    _, gh, gw, dim = fs.shape(features)
+    *_, gh, gw, dim = fs.shape(choice.array)
+    n_layers = 1 if choice.positions is None else len(choice.positions)
     size = int(min(res, train_scale * max(gh, gw)))
     keep, carved = _rows_of(fs, seed, val_fraction)
+    test = keep["test"]
+    groups = volume_groups(fs, test) if scored_per == "volume" else None
     data_root = Path(root) if root is not None else fs.root
     masks = _Masks(fs, data_root, pre)
 
@@ -356,33 +364,59 @@ def run_seg(
         raise FeatcacheError(f"{fs.name}: the training masks are all background; nothing to segment")
     counts = np.concatenate([counts, np.zeros((K + 1 - len(counts), res, res), np.int64)])
 
-    token_mb = (len(keep["train"]) + len(keep["val"])) * gh * gw * dim * 2 / 2**20
+    def tokens(rows):
+        return StoreTokens(fs, rows, choice.array, choice.positions)
+
+    token_mb = (len(keep["train"]) + len(keep["val"])) * n_layers * gh * gw * dim * 2 / 2**20
     if token_mb <= max_memory_mb:
-        X_train = fs.read(features, keep["train"])
-        X_val = fs.read(features, keep["val"]) if len(keep["val"]) else None
+        read = (lambda r: fs.read(choice.array, r)) if choice.positions is None else (
+            lambda r: fs.read(choice.array, r)[:, list(choice.positions)])  # fmt: skip
+        X_train = read(keep["train"])
+        X_val = read(keep["val"]) if len(keep["val"]) else None
     else:
-        X_train = StoreTokens(fs, keep["train"], features)
-        X_val = StoreTokens(fs, keep["val"], features) if len(keep["val"]) else None
-    probe = SegProbe(
-        head=head, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        patience=patience, random_state=seed,
-    )  # fmt: skip
-    probe.fit(X_train, Y["train"], X_val, Y["val"] if X_val is not None else None)
+        X_train = tokens(keep["train"])
+        X_val = tokens(keep["val"]) if len(keep["val"]) else None
+    Y_val = Y["val"] if X_val is not None else None
+    train_params: dict[str, Any]
+    if protocol is None:
+        epochs, batch_size = 100 if epochs is None else epochs, 16 if batch_size is None else batch_size
+        probe = SegProbe(
+            head=head, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+            patience=patience, hidden=hidden, stages=stages, random_state=seed,
+        )  # fmt: skip
+        probe.fit(X_train, Y["train"], X_val, Y_val)
+        train_params = {"lr": _resolved_lr(head, lr), "weight_decay": float(weight_decay),
+                        "patience": int(patience)}  # fmt: skip
+        if head != "linear":
+            train_params["hidden"] = int(hidden)
+        if head == "unet":
+            train_params["stages"] = int(stages)
+    else:
+        epochs = STUDY_EPOCHS if epochs is None else epochs
+        batch_size = STUDY_BATCH if batch_size is None else batch_size
+        probe = fit_study_linear(
+            X_train, Y["train"], X_val, Y_val, epochs=epochs, batch_size=batch_size,
+            lrs=STUDY_LRS if lr is None else (lr,), random_state=seed,
+        )  # fmt: skip
+        train_params = {"protocol": protocol, "lr": probe.lr_, "lr_grid": probe.lr_grid_,
+                        "val_jaccard": probe.val_jaccard_, "lr_selected_on": probe.selected_on_,
+                        "refit_on_train_val": probe.refit_on_val_, "loss": "dice", "optimizer": "sgd",
+                        "schedule": "cosine", "weight_decay": 0.0}  # fmt: skip
     del X_train, X_val
     if probe.n_classes_ - 1 > K:
         K = probe.n_classes_ - 1
 
-    test = keep["test"]
-    spacings, _, unit_params = _hd95_unit([data_root / fs.paths[r] for r in test])
+    spacings, unit_params = _test_spacings(fs, test, data_root, groups is not None)
     folder = Path(save_masks) if save_masks is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    scorer = _Scorer(pre, counts, K, scored_at)
+    scorer = Scorer(pre, counts, K, scored_at)
     probe_vals = {m: np.full((len(test), K), np.nan) for m in SEG_METRICS}
     base_vals = {m: np.full((len(test), K), np.nan) for m in SEG_METRICS}
+    kept: dict[str, dict[int, np.ndarray]] = {"pred": {}, "truth": {}, "base": {}, "mm": {}}
     model = probe._model()
     ids = fs.ids
-    for pos, block in StoreTokens(fs, test, features).blocks():
+    for pos, block in tokens(test).blocks():
         logits = probe.head_logits(model, block)
         for p, image_logits in zip(pos, logits):
             row = test[p]
@@ -393,25 +427,37 @@ def run_seg(
                     f"training masks only have labels up to {K}; give every structure training examples"
                 )
             label_map, truth, base_map, spacing = scorer(image_logits, truth, spacings[p], baseline)
+            if folder is not None:
+                _save_mask(folder, str(ids[row]), label_map, K)
+            if groups is not None:  # scored once the volume is stacked
+                kept["pred"][int(row)], kept["truth"][int(row)] = label_map, truth
+                kept["base"][int(row)], kept["mm"][int(row)] = base_map, spacing
+                continue
             for mname, v in seg_metrics(label_map[None], truth[None], K, spacing).items():
                 probe_vals[mname][p] = v[0]
             if baseline:
                 for mname, v in seg_metrics(base_map[None], truth[None], K, spacing).items():
                     base_vals[mname][p] = v[0]
-            if folder is not None:
-                _save_mask(folder, str(ids[row]), label_map, K)
+    patients = fs.patient_ids[test]
+    if groups is not None:
+        probe_vals, base_vals = score_volumes(groups, kept, K, spacings, test, baseline, folder, _safe_name)
+        patients = np.array([g.patient for g in groups])
 
-    context = _seg_context(fs, features)
-    frame: dict[str, Any] = {"scored_at": scored_at, **unit_params}
+    context = _seg_context(fs, choice.features)
+    frame: dict[str, Any] = {"scored_at": scored_at, "scored_per": scored_per, **unit_params}
     if scored_at == "mask" and pre.resize == "crop":
         frame["scored_region"] = "the part of each mask inside the centre crop the model saw"
+    if groups is not None:
+        frame["n_slices_test"] = len(test)
+        steps = sorted({g.step for g in groups})
+        if steps != [1]:
+            frame["slice_steps"] = steps
     params: dict[str, Any] = {
         "epochs": int(epochs),
-        "lr": _resolved_lr(head, lr),
-        "weight_decay": float(weight_decay),
+        **train_params,
         "batch_size": int(batch_size),
-        "patience": int(patience),
         "train_size": size,
+        "layers": list(choice.layers),
         **frame,
         "val_carved": carved,
     }
@@ -420,7 +466,6 @@ def run_seg(
     extracted_with = fs.attrs.get("versions", {}).get("featcache")
     if extracted_with:
         params["extracted_with"] = extracted_with
-    patients = fs.patient_ids[test]
     common = {"seed": int(seed), "n_train": len(keep["train"])}
     names = names + [f"structure_{k}" for k in range(len(names) + 1, K + 1)]
     entries = [
@@ -438,53 +483,3 @@ def run_seg(
     if out is not None:
         append_jsonl(out, rows)
     return rows
-
-
-class _Scorer:
-    """Puts one test image's head logits, its mask and the baseline into the scoring frame.
-
-    Args:
-        pre: the extraction's preprocessing.
-        counts: int64 [K + 1, res, res] per-class pixel counts of the transformed training masks.
-        n_structures: K.
-        scored_at: ``mask`` or ``model``.
-    """
-
-    def __init__(self, pre: Preprocess, counts: np.ndarray, n_structures: int, scored_at: str):
-        import torch
-        import torch.nn.functional as F
-
-        self.pre, self.K, self.scored_at = pre, n_structures, scored_at
-        self.freq = torch.from_numpy((counts / max(1, counts[:, 0, 0].sum())).astype(np.float32))
-        self.base_model = _baseline_from_counts(counts)
-        self._up = lambda maps: F.interpolate(
-            maps[None], size=(pre.res, pre.res), mode="bilinear", align_corners=False
-        )[0]
-
-    def __call__(self, logits, truth: np.ndarray, spacing, baseline: bool):
-        """(pred int64 [H', W'], truth int64 [H', W'], baseline int64 [H', W'] or None, spacing or None).
-
-        Args:
-            logits: float32 torch [K + 1, h', w'] of the head.
-            truth: int64 [H, W] mask as read.
-            spacing: the image's :class:`~probes.seg_frame.Spacing`, or None (HD95 in pixels).
-            baseline: whether to put the mean-mask baseline in the frame too.
-        """
-        pre, shape = self.pre, truth.shape
-        if self.scored_at == "model":
-            h, w, _, _ = pre.geometry(*shape)
-            mm = (
-                None
-                if spacing is None
-                else tuple(np.multiply(spacing.for_shape(shape), (shape[0] / h, shape[1] / w)))
-            )
-            pred = self._up(logits).argmax(0).numpy()
-            return pred, pre.transform_mask(truth), self.base_model if baseline else None, mm
-        rows, cols = visible_box(pre, shape)
-        pred = to_mask_frame(logits, pre, shape)[:, rows, cols].argmax(0).numpy()
-        base = None
-        if baseline:
-            freq = to_mask_frame(self.freq, pre, shape)[:, rows, cols].numpy()
-            base = _baseline_from_counts(freq)
-        mm = None if spacing is None else spacing.for_shape(shape)
-        return pred, truth[rows, cols], base, mm

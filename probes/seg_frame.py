@@ -42,7 +42,17 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.images import Preprocess, is_dicom
 
-__all__ = ["SPACING_TAGS", "Spacing", "nearest_resize", "pixel_spacing", "to_mask_frame", "visible_box"]
+from .seg_heads import _baseline_from_counts
+
+__all__ = [
+    "SPACING_TAGS",
+    "Scorer",
+    "Spacing",
+    "nearest_resize",
+    "pixel_spacing",
+    "to_mask_frame",
+    "visible_box",
+]
 
 SPACING_TAGS = ("PixelSpacing", "ImagerPixelSpacing")
 
@@ -166,3 +176,53 @@ def to_mask_frame(maps, pre: Preprocess, shape: tuple[int, int]):
     gx = torch.from_numpy(xs.astype(np.float32))[None, :].expand(H, W)
     grid = torch.stack([gx, gy], dim=-1)[None]  # [1, H, W, (x, y)]
     return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+class Scorer:
+    """Puts one test image's head logits, its mask and the baseline into the scoring frame.
+
+    Args:
+        pre: the extraction's preprocessing.
+        counts: int64 [K + 1, res, res] per-class pixel counts of the transformed training masks.
+        n_structures: K.
+        scored_at: ``mask`` or ``model``.
+    """
+
+    def __init__(self, pre: Preprocess, counts: np.ndarray, n_structures: int, scored_at: str):
+        import torch
+        import torch.nn.functional as F
+
+        self.pre, self.K, self.scored_at = pre, n_structures, scored_at
+        self.freq = torch.from_numpy((counts / max(1, counts[:, 0, 0].sum())).astype(np.float32))
+        self.base_model = _baseline_from_counts(counts)
+        self._up = lambda maps: F.interpolate(
+            maps[None], size=(pre.res, pre.res), mode="bilinear", align_corners=False
+        )[0]
+
+    def __call__(self, logits, truth: np.ndarray, spacing, baseline: bool):
+        """(pred int64 [H', W'], truth int64 [H', W'], baseline int64 [H', W'] or None, spacing or None).
+
+        Args:
+            logits: float32 torch [K + 1, h', w'] of the head.
+            truth: int64 [H, W] mask as read.
+            spacing: the image's :class:`~probes.seg_frame.Spacing`, or None (HD95 in pixels).
+            baseline: whether to put the mean-mask baseline in the frame too.
+        """
+        pre, shape = self.pre, truth.shape
+        if self.scored_at == "model":
+            h, w, _, _ = pre.geometry(*shape)
+            mm = (
+                None
+                if spacing is None
+                else tuple(np.multiply(spacing.for_shape(shape), (shape[0] / h, shape[1] / w)))
+            )
+            pred = self._up(logits).argmax(0).numpy()
+            return pred, pre.transform_mask(truth), self.base_model if baseline else None, mm
+        rows, cols = visible_box(pre, shape)
+        pred = to_mask_frame(logits, pre, shape)[:, rows, cols].argmax(0).numpy()
+        base = None
+        if baseline:
+            freq = to_mask_frame(self.freq, pre, shape)[:, rows, cols].numpy()
+            base = _baseline_from_counts(freq)
+        mm = None if spacing is None else spacing.for_shape(shape)
+        return pred, truth[rows, cols], base, mm

@@ -6,6 +6,12 @@ Heads (trained with torch on CPU, from the cache; importing this module does not
   protocol): one logit per class (background + K structures) per token.
 - ``conv``: a light decoder: 1x1 conv to ``hidden`` channels, then two (x2 bilinear upsample,
   3x3 conv, GELU) stages and a 1x1 conv to the class logits (at 4x the token grid).
+- ``unet``: a U-Net-style decoder with skips from several layers' token maps
+  (:func:`probes.seg_unet.build_unet`; logits at ``2**stages`` times the token grid).
+
+Tokens are [n, h, w, D] (one layer) or [n, L, h, w, D] (L layers, stored order, shallow to deep).
+Several layers are standardised per (layer, channel) and given to the head side by side as L*D
+channels: ``linear`` and ``conv`` mix them in their first 1x1 conv, ``unet`` splits them again.
 
 A head's logits are brought to any frame by bilinear interpolation (``align_corners=False``, the
 upsampling of the linear and light decoders of the DINOv2 / RAD-DINO segmentation studies).
@@ -28,10 +34,11 @@ from featcache.errors import FeatcacheError
 from featcache.store import FeatureSet
 
 from .seg_metrics import _over_structures, dice
+from .seg_unet import build_unet
 
 __all__ = ["HEADS", "SegProbe", "StoreTokens", "mean_mask_baseline"]
 
-HEADS = ("linear", "conv")
+HEADS = ("linear", "conv", "unet")
 _ARRAY_BLOCK = 256  # rows per shuffled piece of an in-memory token array
 
 
@@ -44,16 +51,21 @@ class StoreTokens:
     Args:
         fs: the feature set.
         rows: int64 [n] row indices (the order defines positions 0..n-1).
-        name: the token array (``patch``: float16 [N, h, w, D]).
+        name: the token array (``patch``: float16 [N, h, w, D]; ``layer_patch``: [N, L, h, w, D]).
+        layers: positions along ``layer_patch``'s layer axis to keep (None: all).
 
     Attributes:
-        shape: ``(n, h, w, D)``.
+        shape: ``(n, h, w, D)``, or ``(n, L', h, w, D)`` for a multi-layer array.
     """
 
-    def __init__(self, fs: FeatureSet, rows: np.ndarray, name: str = "patch"):
+    def __init__(self, fs: FeatureSet, rows: np.ndarray, name: str = "patch", layers=None):
         self.fs, self.name = fs, name
+        self.layers = None if layers is None else list(layers)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.shape = (len(self.rows), *fs.shape(name)[1:])
+        shape = fs.shape(name)[1:]
+        if self.layers is not None:
+            shape = (len(self.layers), *shape[1:])
+        self.shape = (len(self.rows), *shape)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -73,6 +85,8 @@ class StoreTokens:
             order = np.argsort(self.rows[pos], kind="stable")
             pos = pos[order]
             block = self.fs.read(self.name, self.rows[pos])
+            if self.layers is not None:
+                block = block[:, self.layers]
             if rng is not None:
                 perm = rng.permutation(len(pos))
                 pos, block = pos[perm], block[perm]
@@ -103,17 +117,28 @@ def _as_source(X):
     if hasattr(X, "blocks") and hasattr(X, "shape"):  # StoreTokens or any source with that interface
         return X
     X = np.asarray(X)
-    if X.ndim != 4:
-        raise FeatcacheError(f"patch tokens must be [n, h, w, D], got shape {X.shape}")
+    if X.ndim not in (4, 5):
+        raise FeatcacheError(f"patch tokens must be [n, h, w, D] or [n, L, h, w, D], got shape {X.shape}")
     return _ArrayTokens(X)
+
+
+def _flat(block: np.ndarray) -> np.ndarray:
+    """[b, h, w, D] as is; [b, L, h, w, D] -> [b, h, w, L*D] (layer-major channels)."""
+    if block.ndim == 5:
+        b, n_layers, h, w, d = block.shape
+        return block.transpose(0, 2, 3, 1, 4).reshape(b, h, w, n_layers * d)
+    return block
 
 
 # ------------------------------------------------------------------------------------------------ heads
 
 
-def _build_head(head: str, dim: int, n_classes: int, hidden: int):
+def _build_head(head: str, dim: int, n_classes: int, hidden: int, n_layers: int = 1, stages: int = 2):
+    """The head module; ``dim`` is the input channels (L*D for L layers)."""
     import torch.nn as nn
 
+    if head == "unet":
+        return build_unet(dim // n_layers, n_layers, n_classes, hidden, stages)
     if head == "linear":
         return nn.Conv2d(dim, n_classes, kernel_size=1)
     c1, c2 = hidden, max(8, hidden // 2)
@@ -147,25 +172,27 @@ class _Deterministic:
 
 
 def _resolved_lr(head: str, lr: float | None) -> float:
-    return float(lr) if lr is not None else (1e-2 if head == "linear" else 1e-3)
+    return float(lr) if lr is not None else (1e-2 if head == "linear" else 1e-3)  # conv, unet: 1e-3
 
 
 class SegProbe(BaseEstimator):
     """A segmentation head on frozen patch tokens (see the module docstring).
 
     Args:
-        head: ``linear`` (1x1 conv) or ``conv`` (light decoder).
+        head: ``linear`` (1x1 conv), ``conv`` (light decoder) or ``unet`` (U-Net-style decoder).
         epochs: maximum passes over the training images.
-        lr: AdamW learning rate (None: 1e-2 for ``linear``, 1e-3 for ``conv``).
+        lr: AdamW learning rate (None: 1e-2 for ``linear``, 1e-3 for ``conv`` and ``unet``).
         weight_decay: AdamW weight decay.
         batch_size: images per optimisation step.
         patience: epochs without a better validation Dice before training stops (early stopping).
-        hidden: channels of the ``conv`` decoder.
+        hidden: channels of the ``conv`` decoder (the first width of ``unet``).
+        stages: x2 up-blocks of the ``unet`` decoder.
         random_state: seed of the initialisation and of the shuffling.
 
     Attributes:
         n_classes_: int, background + K structures.
-        mean_, std_: float32 [D], token standardisation fitted on the training tokens.
+        n_layers_: int, L token layers of the input (1 for [n, h, w, D]).
+        mean_, std_: float32 [L*D], token standardisation fitted on the training tokens.
         state_: dict of numpy arrays, the head's weights (best validation Dice).
         best_epoch_: int, the 1-based epoch whose weights were kept.
         epochs_run_: int, epochs trained before stopping.
@@ -185,6 +212,7 @@ class SegProbe(BaseEstimator):
         batch_size: int = 16,
         patience: int = 10,
         hidden: int = 128,
+        stages: int = 2,
         random_state: int = 0,
     ):
         self.head = head
@@ -194,6 +222,7 @@ class SegProbe(BaseEstimator):
         self.batch_size = batch_size
         self.patience = patience
         self.hidden = hidden
+        self.stages = stages
         self.random_state = random_state
 
     # ---- fitting ----
@@ -201,16 +230,16 @@ class SegProbe(BaseEstimator):
     def _check_params(self) -> None:
         if self.head not in HEADS:
             raise FeatcacheError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
-        for name in ("epochs", "batch_size", "hidden"):
+        for name in ("epochs", "batch_size", "hidden", "stages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise FeatcacheError(f"{name} must be a positive integer, got {v!r}")
 
     def _standardiser(self, source) -> tuple[np.ndarray, np.ndarray]:
-        d = source.shape[-1]
+        d = source.shape[-1] * (source.shape[1] if len(source.shape) == 5 else 1)
         s1, s2, count = np.zeros(d), np.zeros(d), 0
         for _, block in source.blocks():
-            flat = block.reshape(-1, d).astype(np.float64)
+            flat = _flat(block).reshape(-1, d).astype(np.float64)
             s1 += flat.sum(axis=0)
             s2 += np.einsum("ij,ij->j", flat, flat)
             count += len(flat)
@@ -222,7 +251,7 @@ class SegProbe(BaseEstimator):
     def _tensor(self, block: np.ndarray):
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(_flat(block), dtype=np.float32))
         x = (x - torch.from_numpy(self.mean_)) / torch.from_numpy(self.std_)
         return x.permute(0, 3, 1, 2).contiguous()
 
@@ -230,7 +259,7 @@ class SegProbe(BaseEstimator):
         """Train the head, keeping the weights with the best validation Dice.
 
         Args:
-            X: patch tokens float16/float32 [n, h, w, D]: an array, a :class:`StoreTokens`, or any object
+            X: patch tokens float16/float32 [n, h, w, D] or [n, L, h, w, D] (L layers): an array, a :class:`StoreTokens`, or any object
                 with ``shape`` and ``blocks(rng)`` like it (e.g. tokens computed on the fly).
             Y: int [n, S, S] training label maps at the loss resolution S (0 background, k structure k).
             X_val: validation tokens [m, h, w, D], or None (train for ``epochs``, keep the last weights).
@@ -252,12 +281,13 @@ class SegProbe(BaseEstimator):
             val = (_as_source(X_val), np.asarray(Y_val))
         self.n_classes_ = int(max(Y.max(initial=0), val[1].max(initial=0) if val else 0)) + 1
         self.n_classes_ = max(self.n_classes_, 2)
+        self.n_layers_ = int(src.shape[1]) if len(src.shape) == 5 else 1
         self.mean_, self.std_ = self._standardiser(src)
         lr = _resolved_lr(self.head, self.lr)
         rng = np.random.default_rng(self.random_state)
         with _Deterministic():
             torch.manual_seed(self.random_state)
-            model = _build_head(self.head, src.shape[-1], self.n_classes_, self.hidden)
+            model = self._new_head(len(self.mean_))
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.weight_decay)
             target_all = torch.from_numpy(Y.astype(np.int64))
             size = tuple(Y.shape[1:])
@@ -320,10 +350,15 @@ class SegProbe(BaseEstimator):
 
     # ---- prediction ----
 
+    def _new_head(self, dim: int):
+        return _build_head(
+            self.head, dim, self.n_classes_, self.hidden, getattr(self, "n_layers_", 1), self.stages
+        )
+
     def _model(self):
         import torch
 
-        model = _build_head(self.head, len(self.mean_), self.n_classes_, self.hidden)
+        model = self._new_head(len(self.mean_))
         model.load_state_dict({k: torch.from_numpy(v) for k, v in self.state_.items()})
         return model.eval()
 
@@ -335,7 +370,8 @@ class SegProbe(BaseEstimator):
             block: patch tokens float16/float32 [b, h, w, D].
 
         Returns:
-            float32 torch tensor [b, K + 1, h', w']: the token grid (``linear``) or 4x it (``conv``).
+            float32 torch tensor [b, K + 1, h', w']: the token grid (``linear``), 4x it (``conv``),
+            ``2**stages`` times it (``unet``).
         """
         import torch
 

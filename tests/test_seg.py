@@ -411,7 +411,7 @@ def test_errors_name_what_is_missing(tmp_path):
         run_seg(cache)
     cache, *_ = _synthetic_store(tmp_path / "b")
     with pytest.raises(FeatcacheError, match="--head"):
-        run_seg(cache, head="unet")
+        run_seg(cache, head="transformer")
     with pytest.raises(FeatcacheError, match="not found; pass the manifest's image root"):
         run_seg(cache, root=tmp_path / "elsewhere", epochs=1)
 
