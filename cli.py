@@ -775,11 +775,25 @@ def import_cmd(
 @probes.command()
 @click.option("--cache", required=True, help="Feature store folder or fsspec URL.")
 @click.option("--set", "set_name", help="Feature set with patch tokens and masks [default: the only set].")
-@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "conv"]))
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "conv", "unet"]))
+@click.option(
+    "--layers",
+    default="last",
+    show_default=True,
+    help="Token layers: last, last4, or model layer indices 8,11 (needs --tokens patch --layers at extraction).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["dinov2-radiology-linear"]),
+    help="The DINOv2-radiology study's linear decoder (Dice loss, SGD, its learning-rate grid).",
+)
+@click.option("--stages", default=2, show_default=True, type=int, help="unet head: x2 upsampling stages.")
+@click.option("--hidden", default=128, show_default=True, type=int, help="conv/unet head width.")
 @click.option("--structures", help="Names of mask labels 1,2,... e.g. lung,heart [default: structure_1...].")
 @click.option(
-    "--epochs", default=100, show_default=True, type=int, help="Maximum epochs (early stopping on val)."
+    "--epochs", type=int, help="Maximum epochs, early stopping on val [default: 100; the protocol's 10]."
 )
+@click.option("--batch-size", type=int, help="Training batch [default: 16; the protocol's 128].")
 @click.option("--lr", type=float, help="AdamW learning rate [default: 1e-2 linear, 1e-3 conv].")
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Training, bootstrap and carved-val seed."
@@ -806,25 +820,21 @@ def import_cmd(
     type=click.Choice(["mask", "model"]),
     help="Score in each mask's own pixels (mask) or in the model's input frame (model).",
 )
+@click.option(
+    "--scored-per",
+    default="slice",
+    show_default=True,
+    type=click.Choice(["slice", "volume"]),
+    help="volume: slices of a `featcache volumes` set stacked back and scored as volumes.",
+)
 @click.option("--root", type=click.Path(file_okay=False), help="Mask root [default: the extraction's root].")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write predicted test masks (PNG) here.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
 @_one_line_errors
 def seg(
-    cache,
-    set_name,
-    head,
-    structures,
-    epochs,
-    lr,
-    seed,
-    n_boot,
-    val_fraction,
-    scored_at,
-    root,
-    save_masks,
-    out,
-) -> None:
+    cache, set_name, head, layers, protocol, stages, hidden, structures, epochs, batch_size, lr, seed, n_boot,
+    val_fraction, scored_at, scored_per, root, save_masks, out,
+) -> None:  # fmt: skip
     """Segmentation probe on patch tokens vs the mean-training-mask baseline: Dice, Jaccard, HD95 with CIs.
 
     Example: probes seg --cache cache/ --set demo/random-dinov3-vits16/112 --head linear --out results.jsonl
@@ -832,8 +842,10 @@ def seg(
     from probes.seg import run_seg
 
     rows = run_seg(
-        cache, set_name, head=head, structures=_csv_list(structures) or None, epochs=epochs, lr=lr, seed=seed,
-        n_boot=n_boot, val_fraction=val_fraction, scored_at=scored_at, root=root, save_masks=save_masks, out=out,
+        cache, set_name, head=head, layers=None if layers == "last" else layers, protocol=protocol, stages=stages,
+        hidden=hidden, structures=_csv_list(structures) or None, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, n_boot=n_boot, val_fraction=val_fraction, scored_at=scored_at, scored_per=scored_per, root=root,
+        save_masks=save_masks, out=out,
     )  # fmt: skip
     _echo_header(rows, f"seg head={head}")
     p0 = rows[0].get("params") or {}
@@ -1111,12 +1123,19 @@ def _echo_by(rows: list[dict], by: str | None) -> None:
     "each k's own neighbours; mlknn: ML-kNN (multi-label).",
 )
 @click.option("--s", "s", default=1.0, show_default=True, type=float, help="ML-kNN Laplace smoothing.")
+@click.option(
+    "--search",
+    default="flat",
+    show_default=True,
+    type=click.Choice(["flat", "bf16"]),
+    help="flat: exact FAISS float32; bf16: bf16 candidates + exact float32 re-rank (same neighbours).",
+)
 @click.option("--by", help=_BY_HELP)
 @_no_carve_options
 @_one_line_errors
 def knn(
-    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, by,
-    n_boot, seed,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, search,
+    by, n_boot, seed,
 ) -> None:  # fmt: skip
     """kNN probe (dinov2 knn.py by default, or ML-kNN): AUROC per label and mean, with patient CIs.
 
@@ -1126,7 +1145,7 @@ def knn(
 
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature, method=method, s=s,
-        labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
+        search=search, labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
         out=out, aggregate=aggregate, allow_partial=allow_partial, by=by,
     )  # fmt: skip
     _echo_header(rows, "mlknn" if method == "mlknn" else f"knn vote={method}")

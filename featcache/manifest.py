@@ -105,13 +105,15 @@ class Manifest:
     def digest(self) -> str:
         """SHA-256 of the manifest's content (not its formatting): ids, paths, patients, splits, labels."""
         h = hashlib.sha256()
+        labels = self.labels if self.labels.size else np.zeros((len(self.ids), 0), np.float32)
         payload = {
             "ids": self.ids.tolist(),
             "paths": self.paths.tolist(),
             "patient_ids": self.patient_ids.tolist(),
             "splits": self.splits.tolist(),
             "label_names": self.label_names,
-            "labels": [[None if np.isnan(v) else float(v) for v in row] for row in self.labels.tolist()],
+            # a manifest without label columns has N empty label rows, however it was built
+            "labels": [[None if np.isnan(v) else float(v) for v in row] for row in labels.tolist()],
             "classes": None if self.classes is None else self.classes.tolist(),
             "masks": None if self.masks is None else self.masks.tolist(),
         }

@@ -175,9 +175,17 @@ def _knn_raw(
         from .mlknn import MLkNNProbe
 
         return {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y).predict_proba(X) for k in ks}
-    from .knn import KNNProbe
+    search = kw.get("search", "flat")
+    if search == "flat":
+        from .knn import KNNProbe
 
-    probe = KNNProbe(k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method)
+        probe = KNNProbe(k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method)
+    else:  # bf16 pre-search + exact float32 re-rank: the same neighbours (probes/knn_bf16.py)
+        from .knn_search import ScalableKNNProbe
+
+        probe = ScalableKNNProbe(
+            k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method, search=search
+        )
     return probe.fit(train.X, train.y).scores_for_ks(X, ks)
 
 
@@ -188,6 +196,7 @@ def knn_scores(
     temperature: float = 0.07,
     method: str = "dinov2",
     s: float = 1.0,
+    search: str = "flat",
     seed: int = 0,
     thresholds: bool = True,
 ) -> dict[int, Scored]:
@@ -205,6 +214,8 @@ def knn_scores(
         temperature: softmax temperature (``dinov2``, ``renormalized``).
         method: one of ``KNN_METHODS``.
         s: ML-kNN's Laplace smoothing.
+        search: ``flat`` (exact FAISS float32) or ``bf16`` (a bf16 candidate search with a proven
+            margin, then an exact float32 re-rank of the candidates: the same neighbours; needs torch).
         seed: seed of the out-of-fold folds.
         thresholds: also compute out-of-fold scores for the Youden threshold.
 
@@ -225,7 +236,9 @@ def knn_scores(
     fit_rows = "train+val" if len(data.val) else "train"
     fitted, extra = learnable(pool.train.y, task, L)
     fill = _prevalence(pool.train.y) if task == "multilabel" else 0.0
-    kw = {"temperature": temperature, "s": s}
+    if search not in ("flat", "bf16"):
+        raise FeatcacheError(f"unknown kNN search {search!r}: use flat or bf16")
+    kw = {"temperature": temperature, "s": s, "search": search}
     raw = _knn_raw(pool.train, data.test.X, ks, task, method, **kw)
 
     def fold(tr: Split, X: np.ndarray) -> dict[int, np.ndarray]:

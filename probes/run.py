@@ -77,6 +77,7 @@ def run_knn(
     temperature: float = 0.07,
     method: str = "dinov2",
     s: float = 1.0,
+    search: str = "flat",
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
     aggregate: str | None = None,
@@ -102,6 +103,8 @@ def run_knn(
             the sum of the first k weighted votes), ``renormalized`` (the softmax over each k's own
             neighbours) or ``mlknn`` (ML-kNN, multi-label; rows say ``probe = "mlknn"``).
         s: ML-kNN's Laplace smoothing.
+        search: ``flat`` (exact FAISS float32) or ``bf16`` (bf16 candidates + exact re-rank: the
+            same neighbours, faster where the CPU has bf16 matmul; needs torch).
         labels: label columns / class names to probe (None: all).
         uncertain: uncertain-label policy: ``ignore``, ``zeros`` or ``ones``.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
@@ -122,12 +125,13 @@ def run_knn(
         raise FeatcacheError(f"k must be positive integers; got {k!r}")
     n_index = len(data.train) + len(data.val)
     ks = sorted({min(v, n_index) for v in asked})  # k above the indexed rows is that size, said once
-    scored = knn_scores(data, ks, temperature=temperature, method=method, s=s, seed=seed)
+    scored = knn_scores(data, ks, temperature=temperature, method=method, s=s, search=search, seed=seed)
     if method == "mlknn":
         run = _context(data, "mlknn")
         params = {**run["params"], "s": float(s), "exclude_self": True}
     else:
         params = {**run["params"], "temperature": float(temperature), "vote": method, "softmax_k": max(ks)}
+    params["search"] = search
     if ks != asked:
         params["k_requested"] = asked
     entries = []
