@@ -140,7 +140,7 @@ def load_backbone(
     else:
         folder = Path(text).expanduser()
         if folder.is_dir() and ((folder / "config.json").exists() or text not in registry):
-            spec, net, prov = _load_folder(folder, None, registry, dtype, attn_implementation)
+            spec, net, prov = _load_folder(folder, None, registry, dtype, attn_implementation, device)
         else:
             spec = _spec_for(text, registry)
             if spec is None:  # a hub repository that is not in the registry: family from its config
