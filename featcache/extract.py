@@ -33,7 +33,7 @@ import torch
 from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
-from featcache.extract_device import BatchRunner, MicroBatch, Pending, array_specs, forward, to_host
+from featcache.extract_device import BatchRunner, MicroBatch, Pending, array_specs, forward
 from featcache.images import Preprocess, read_image
 from featcache.locks import close_inherited_locks
 from featcache.manifest import Manifest, read_manifest
@@ -306,8 +306,13 @@ class _Writer(threading.Thread):
 
 # the per-batch data path lives in featcache.extract_device; these names stay importable from here
 _forward = forward
-_to_numpy = to_host
 _array_specs = array_specs
+
+
+def _to_numpy(pending: Pending) -> dict[str, np.ndarray]:
+    """The host arrays of a batch in flight, once its copies are done (the one step of the loop that
+    allocates host memory per batch on the CPU path)."""
+    return pending.numpy()
 
 
 def _versions() -> dict[str, str]:
@@ -503,7 +508,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
 
         def hand_off(p: Pending) -> None:  # wait for its copies, then give its rows to the writer
             nonlocal processed
-            writer.put((p.idx, p.numpy(), p.errors))
+            writer.put((p.idx, _to_numpy(p), p.errors))
             processed += len(p.idx) + len(p.errors)
             if bar is not None:
                 bar.update(len(p.idx) + len(p.errors))
@@ -544,8 +549,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         seconds = time.perf_counter() - t0
 
     status = fs.status
-    extra = {"micro_batch": micro.record()} if n_todo else {}
-    fs.update_attrs(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=_device_name(device), **extra)
+    fs.update_attrs(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=_device_name(device))
     failures = fs.failures()
     return ExtractResult(
         set_name=name,

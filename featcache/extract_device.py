@@ -159,7 +159,7 @@ class MicroBatch:
         if self.backoffs == 0:
             print(
                 f"featcache extract: out of GPU memory at a micro-batch of {self.size * 2}: going on with "
-                f"{self.size} (it grows back after {self.grow_after} good chunks; recorded in the set)",
+                f"{self.size} (it grows back after {self.grow_after} good chunks; the run's result records it)",
                 file=sys.stderr,
             )
         self.backoffs += 1
