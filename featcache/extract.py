@@ -7,11 +7,14 @@ by shard and commits each shard whole once all its rows are in (see
 same batches as an uninterrupted one and writes identical arrays.
 
 On CUDA the model runs in bfloat16 (float16 where bf16 is not supported) with
-SDPA attention; the micro-batch starts at ``batch_size`` and halves on
-out-of-memory instead of crashing. On CPU everything is float32 unless bfloat16 is asked for
-(``--dtype bf16``, only where the CPU has bf16 matmul instructions), and the model's threads
-default to the cores left beside the decode workers (``featcache.launch.set_threads``).
-Several workers (torchrun, SLURM, ``--num-shards``) share a set: see ``featcache.launch``.
+SDPA attention; features are cast to their stored dtype on the GPU and copied
+asynchronously to pinned host memory while the next batch computes; the
+micro-batch starts at ``batch_size``, halves on out-of-memory instead of
+crashing and grows back (see ``featcache.extract_device``). On CPU everything is
+float32 unless bfloat16 is asked for (``--dtype bf16``, only where the CPU has bf16 matmul
+instructions), and the model's threads default to the cores left beside the decode workers
+(``featcache.launch.set_threads``). Several workers (torchrun, SLURM, ``--num-shards``) share a
+set: see ``featcache.launch``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
+from featcache.extract_device import BatchRunner, MicroBatch, Pending, array_specs, forward
 from featcache.images import Preprocess, read_image
 from featcache.launch import (
     WorkerSlice,
@@ -72,7 +76,8 @@ class ExtractConfig:
         root: image root (default: the manifest's folder).
         name: feature set name (default ``<manifest stem>/<model>/<res>``).
         tokens: token kinds to store; ``cls`` and ``pooled`` always, ``registers`` and ``patch`` opt-in.
-        layers: intermediate layers (``last4``, ``3,6,9``...) stored as ``layer_cls``/``layer_pooled``.
+        layers: intermediate layers (``last4``, ``3,6,9``...) stored as ``layer_cls``/``layer_pooled``,
+            and with ``patch`` in ``tokens`` also as ``layer_patch`` float16 [N, L, h, w, D].
         patch_pool: spatial average pooling factor of stored patch tokens (1 = none).
         resize, interpolation: preprocessing (see ``featcache.images.Preprocess``).
         batch_size: images per batch (None: 64 on CUDA, 16 on CPU); halves on CUDA out-of-memory.
@@ -134,6 +139,9 @@ class ExtractResult:
         shards_skipped: shards already done before this run.
         seconds: wall time of the pass.
         batch_size: the micro-batch size in use at the end.
+        micro_batch: what the out-of-memory back-off did (requested, final, smallest, out_of_memory,
+            grown_back).
+        startup_seconds: from the start of the pass until the first decoded batch arrived.
         failures: the failed rows (index, id, reason), at most 20.
         manifest_replaced: the set existed with the same images and took the manifest's new
             patients, splits, labels or metadata (no re-embedding).
@@ -159,6 +167,8 @@ class ExtractResult:
     shards_mine: int = 0
     threads: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    micro_batch: dict[str, int] = field(default_factory=dict)
+    startup_seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -343,41 +353,15 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _to_numpy(
-    out: dict[str, torch.Tensor], specs: dict[str, ArraySpec], patch_pool: int
-) -> dict[str, np.ndarray]:
-    res = {}
-    for k in specs:
-        t = out[k]
-        if k == "patch" and patch_pool > 1:
-            t = torch.nn.functional.avg_pool2d(t.permute(0, 3, 1, 2).float(), patch_pool).permute(0, 2, 3, 1)
-        res[k] = t.to(torch.float32).cpu().numpy().astype(specs[k].dtype, copy=False)
-    return res
+# the per-batch data path lives in featcache.extract_device; these names stay importable from here
+_forward = forward
+_array_specs = array_specs
 
 
-def _forward(backbone, pixels: torch.Tensor, layers: list[int], device: torch.device, dtype: torch.dtype):
-    # torch.compile'd graphs cannot take inference tensors (version counters), so they run under no_grad
-    compiled = hasattr(backbone, "_orig_mod")
-    with torch.no_grad() if compiled else torch.inference_mode():
-        return backbone(pixels.to(device, dtype=dtype, non_blocking=True), layers=layers)
-
-
-def _array_specs(out: dict[str, torch.Tensor], tokens: tuple[str, ...], layers: list[int], patch_pool: int):
-    specs = {"cls": ArraySpec(tuple(out["cls"].shape[1:]), "float32")}
-    specs["pooled"] = ArraySpec(tuple(out["pooled"].shape[1:]), "float32")
-    if "registers" in tokens:
-        if "registers" not in out:
-            raise FeatcacheError("--tokens registers: this model has no register tokens")
-        specs["registers"] = ArraySpec(tuple(out["registers"].shape[1:]), "float16")
-    if "patch" in tokens:
-        h, w, d = out["patch"].shape[1:]
-        if h % patch_pool or w % patch_pool:
-            raise FeatcacheError(f"--patch-pool {patch_pool} does not divide the {h}x{w} patch grid")
-        specs["patch"] = ArraySpec((h // patch_pool, w // patch_pool, d), "float16")
-    if layers:
-        specs["layer_cls"] = ArraySpec(tuple(out["layer_cls"].shape[1:]), "float32")
-        specs["layer_pooled"] = ArraySpec(tuple(out["layer_pooled"].shape[1:]), "float32")
-    return specs
+def _to_numpy(pending: Pending) -> dict[str, np.ndarray]:
+    """The host arrays of a batch in flight, once its copies are done (the one step of the loop that
+    allocates host memory per batch on the CPU path)."""
+    return pending.numpy()
 
 
 def _versions() -> dict[str, str]:
@@ -481,9 +465,19 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         mean=tuple(spec.mean),
         std=tuple(spec.std),
     )
-    probe_out = _forward(backbone, torch.zeros(1, 3, cfg.res, cfg.res), layers, device, dtype)
-    specs = _array_specs(probe_out, tokens, layers, cfg.patch_pool)
+    want_layer_patch = bool(layers) and "patch" in tokens
+    probe_out = forward(
+        backbone, torch.zeros(1, 3, cfg.res, cfg.res), layers, device, dtype, want_layer_patch
+    )
+    specs = array_specs(probe_out, tokens, layers, cfg.patch_pool)
     del probe_out
+    if "layer_patch" in specs:
+        lp = specs["layer_patch"]
+        print(
+            f"featcache extract: --tokens patch with --layers stores layer_patch float16 {list(lp.shape)} per image "
+            f"({lp.row_bytes / 2**20:.2f} MiB/img before compression) for layers {layers}",
+            file=sys.stderr,
+        )
 
     name = cfg.name or default_set_name(cfg.data, cfg.model, cfg.res)
     config = {
@@ -575,44 +569,46 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
             )
         writer = _Writer(fs, specs)
         writer.start()
-        micro = batch_size
+        micro = MicroBatch(batch_size)
+        runner = BatchRunner(backbone, device, dtype, specs, layers, cfg.patch_pool, micro, cfg.res)
         processed = 0
+        pending: Pending | None = None
+        startup = None
+
+        def hand_off(p: Pending) -> None:  # wait for its copies, then give its rows to the writer
+            nonlocal processed
+            writer.put((p.idx, _to_numpy(p), p.errors))
+            processed += len(p.idx) + len(p.errors)
+            if bar is not None:
+                bar.update(len(p.idx) + len(p.errors))
+
         t0 = time.perf_counter()
         try:
             for idx, pixels, errors in loader:
+                if startup is None:
+                    startup = time.perf_counter() - t0
                 if errors and cfg.on_error == "fail":
                     first = min(errors)
                     raise ImageReadError(
                         f"{errors[first]} (row id '{manifest.ids[first]}'; use --on-error skip to go on)"
                     )
-                outputs: dict[str, list[np.ndarray]] = {k: [] for k in specs}
-                j = 0
-                while pixels is not None and j < len(idx):
-                    chunk = pixels[j : j + micro]
-                    try:
-                        out = _forward(backbone, chunk, layers, device, dtype)
-                    except torch.OutOfMemoryError:
-                        if micro == 1:
-                            raise FeatcacheError(
-                                f"out of GPU memory with one image at {cfg.res} px; use a smaller --res or model"
-                            ) from None
-                        micro = max(1, micro // 2)
-                        torch.cuda.empty_cache()
-                        continue
-                    for k, v in _to_numpy(out, specs, cfg.patch_pool).items():
-                        outputs[k].append(v)
-                    j += len(chunk)
-                merged = {k: np.concatenate(v) for k, v in outputs.items() if v}
-                writer.put((idx, merged, errors))
-                processed += len(idx) + len(errors)
-                if bar is not None:
-                    bar.update(len(idx) + len(errors))
+                # batch i+1 is queued on the GPU before batch i's copies are waited for
+                current = runner.launch(idx, pixels, errors)
+                if pending is not None:
+                    done, pending = pending, None
+                    hand_off(done)
+                pending = current
+            if pending is not None:
+                done, pending = pending, None
+                hand_off(done)
         except KeyboardInterrupt:
+            _flush(pending, hand_off)
             _drain_and_close(writer)
             raise ExtractionInterrupted(
                 f"interrupted after {processed} images; finished shards are saved: re-run the same command to resume"
             ) from None
         except BaseException:
+            _flush(pending, hand_off)
             _drain_and_close(writer)
             raise
         finally:
@@ -636,7 +632,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         pending=int((status == 0).sum()),
         shards_skipped=skipped,
         seconds=seconds,
-        batch_size=micro,
+        batch_size=micro.size,
         failures=failures[:20],
         manifest_replaced=replaced,
         world=num_shards,
@@ -645,7 +641,19 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         shards_mine=len(mine),
         threads=threads,
         notes=notes,
+        micro_batch=micro.record(),
+        startup_seconds=startup or 0.0,
     )
+
+
+def _flush(pending: Pending | None, hand_off) -> None:
+    """Hand the batch still in flight to the writer before stopping (its shard may complete)."""
+    if pending is None:
+        return
+    try:
+        hand_off(pending)
+    except BaseException:  # the original exception matters more
+        pass
 
 
 def _drain_and_close(writer: _Writer) -> None:

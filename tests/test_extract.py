@@ -227,26 +227,76 @@ def test_kill_and_resume_is_bit_identical(tmp_path, sig):
 
 
 def test_out_of_memory_halves_the_micro_batch(tmp_path, monkeypatch):
-    import featcache.extract as ex
+    import featcache.extract_device as exd
 
     manifest = _dataset(tmp_path, n=8)
     ref = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "ref"), batch_size=8), progress=False)
-    real_forward = ex._forward
+    real_forward = exd.forward
     sizes = []
 
-    def small_gpu(backbone, pixels, layers, device, dtype):
+    def small_gpu(backbone, pixels, layers, device, dtype, layer_patch=False):
         sizes.append(len(pixels))
         if len(pixels) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(backbone, pixels, layers, device, dtype)
+        return real_forward(backbone, pixels, layers, device, dtype, layer_patch)
 
-    monkeypatch.setattr(ex, "_forward", small_gpu)
+    monkeypatch.setattr(exd, "forward", small_gpu)
     r = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "oom"), batch_size=8), progress=False)
     assert r.batch_size == 2 and r.failed == 0 and r.pending == 0
-    assert sizes[:4] == [1, 8, 4, 2]  # probe image, then back-off
+    assert sizes == [8, 4, 2, 2, 2, 2]  # back-off, then the failed chunk recomputed and the rest at 2
+    assert r.micro_batch == {"requested": 8, "final": 2, "smallest": 2, "out_of_memory": 2, "grown_back": 0}
+    fs = FeatureStore(tmp_path / "oom").open_set(r.set_name)
+    a = FeatureStore(tmp_path / "ref").open_set(ref.set_name).read("cls")
+    np.testing.assert_allclose(a, fs.read("cls"), rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_grows_back_after_good_chunks(tmp_path, monkeypatch):
+    import featcache.extract_device as exd
+
+    manifest = _dataset(tmp_path, n=24)
+    ref = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "ref"), batch_size=4), progress=False)
+    real_forward = exd.forward
+    sizes = []
+
+    def transient(backbone, pixels, layers, device, dtype, layer_patch=False):
+        sizes.append(len(pixels))
+        if len(sizes) == 1:  # one out-of-memory (another process held memory for a moment)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(backbone, pixels, layers, device, dtype, layer_patch)
+
+    monkeypatch.setattr(exd, "forward", transient)
+    monkeypatch.setattr(exd, "GROW_AFTER", 3)
+    r = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "oom"), batch_size=4), progress=False)
+    # 4 fails -> 2, 2 | 2 (third good chunk: back to 4), the batch's last 2 | then 4 for the other 16 rows
+    assert sizes == [4, 2, 2, 2, 2, 4, 4, 4, 4]
+    assert r.batch_size == 4 and r.micro_batch["grown_back"] == 1 and r.micro_batch["smallest"] == 2
     a = FeatureStore(tmp_path / "ref").open_set(ref.set_name).read("cls")
     b = FeatureStore(tmp_path / "oom").open_set(r.set_name).read("cls")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_backoff_rules():
+    from featcache.extract_device import MicroBatch
+
+    m = MicroBatch(64, grow_after=2)
+    m.out_of_memory()
+    assert m.size == 32
+    m.succeeded()
+    m.succeeded()
+    assert m.size == 64 and m.grows == 1
+    m.out_of_memory()  # growing back failed at once: the next try waits twice as long
+    assert (m.size, m.grow_after) == (32, 4)
+    for _ in range(3):
+        m.succeeded()
+    assert m.size == 32
+    m.succeeded()
+    assert m.size == 64
+    for _ in range(10):
+        m.succeeded()
+    assert m.size == 64  # never above the requested batch
+    one = MicroBatch(1)
+    with pytest.raises(torch.OutOfMemoryError):
+        one.out_of_memory()
 
 
 @pytest.mark.slow

@@ -16,13 +16,17 @@ Whatever the family, ``Backbone.forward`` returns the same named features:
   model's final norm applied (the DINOv2 linear-evaluation protocol). For the
   last block they equal ``cls`` / ``pooled``. SAM: block outputs are 1024-d
   tokens without CLS or final norm, so both are the token mean (``layer_dim``).
+- ``layer_patch`` [B, L, h, w, layer_dim], model dtype, only with ``layers`` and
+  ``layer_patch=True``: those blocks' patch tokens with the final norm applied
+  (registers and CLS dropped); for the last block it equals ``patch``. SAM: the
+  block outputs as they are (no final norm).
 
 Token order of DINO ViTs in transformers is CLS, registers, patches
 (``Dinov2WithRegistersEmbeddings.forward`` and ``DINOv3ViTEmbeddings.forward``
 concatenate them in that order). Intermediate layers are read with forward
-hooks on the requested blocks only, and reduced to [B, D] inside the hook, so
-no full hidden-state stack is ever kept (the 7B at 1024 px would need ~1.4 GB
-per image for it).
+hooks on the requested blocks only, and reduced to [B, D] inside the hook (or,
+for ``layer_patch``, kept for those blocks only), so no full hidden-state stack
+is ever kept (the 7B at 1024 px would need ~1.4 GB per image for it).
 """
 
 from __future__ import annotations
@@ -156,7 +160,9 @@ class Backbone(nn.Module):
 
     # --------------------------------------------------------------- forward
 
-    def forward(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor, layers: Sequence[int] = (), layer_patch: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Embed a batch of normalised images.
 
         Args:
@@ -164,11 +170,13 @@ class Backbone(nn.Module):
                 multiples of ``stride``. Moved to the model's device and dtype here.
             layers: 0-based block indices (negative counts from the end), e.g. from
                 ``resolve_layers``; empty for none.
+            layer_patch: also return the patch tokens of those blocks (``layer_patch``).
 
         Returns:
             ``cls`` float32 [B, D], ``pooled`` float32 [B, D], ``patch`` [B, h, w, D] in the
             model dtype, ``registers`` [B, R, D] when R > 0, and with ``layers``:
-            ``layer_cls`` / ``layer_pooled`` float32 [B, len(layers), layer_dim].
+            ``layer_cls`` / ``layer_pooled`` float32 [B, len(layers), layer_dim], and with
+            ``layer_patch`` too: ``layer_patch`` [B, len(layers), h, w, layer_dim] in the model dtype.
 
         Raises:
             FeatcacheError: wrong pixel shape or size, layers out of range, or layers asked
@@ -183,9 +191,9 @@ class Backbone(nn.Module):
         x = pixels.to(device=self.device, dtype=self.dtype)
         with torch.no_grad():  # callers add inference_mode; torch.compile cannot trace inference tensors
             if self._family in _TOKEN_FAMILIES:
-                out = self._forward_tokens(x, gh, gw, index)
+                out = self._forward_tokens(x, gh, gw, index, layer_patch)
             elif self._family == "sam":
-                out = self._forward_sam(x, gh, gw, index)
+                out = self._forward_sam(x, gh, gw, index, layer_patch)
             else:
                 out = self._forward_cnn(x, gh, gw)
         return out
@@ -232,13 +240,24 @@ class Backbone(nn.Module):
         if index:
             out["layer_cls"] = torch.stack([captured[i][0] for i in index], dim=1)
             out["layer_pooled"] = torch.stack([captured[i][1] for i in index], dim=1)
+            if len(captured[index[0]]) > 2:
+                out["layer_patch"] = torch.stack([captured[i][2] for i in index], dim=1)
 
-    def _forward_tokens(self, x: torch.Tensor, gh: int, gw: int, index: list[int]) -> dict[str, torch.Tensor]:
+    def _forward_tokens(
+        self, x: torch.Tensor, gh: int, gw: int, index: list[int], layer_patch: bool = False
+    ) -> dict[str, torch.Tensor]:
         start = 1 + self.num_registers
 
-        def reduce(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def reduce(tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
             normed = self._norm(tokens)
-            return normed[:, 0].float(), normed[:, start:].float().mean(dim=1)
+            patch = normed[:, start:]
+            if layer_patch:  # [B, h*w, D] -> [B, h, w, D], model dtype
+                return (
+                    normed[:, 0].float(),
+                    patch.float().mean(dim=1),
+                    patch.reshape(-1, gh, gw, patch.shape[-1]),
+                )
+            return normed[:, 0].float(), patch.float().mean(dim=1)
 
         kwargs: dict[str, Any] = {}
         interpolated = self._note_interpolation(gh, gw)
@@ -274,7 +293,9 @@ class Backbone(nn.Module):
         self._stack_layers(out, index, captured)
         return out
 
-    def _forward_sam(self, x: torch.Tensor, gh: int, gw: int, index: list[int]) -> dict[str, torch.Tensor]:
+    def _forward_sam(
+        self, x: torch.Tensor, gh: int, gw: int, index: list[int], layer_patch: bool = False
+    ) -> dict[str, torch.Tensor]:
         # SamPatchEmbeddings refuses any size but config.image_size, so the encoder is run
         # here step by step with the position table resized (as SAM's own code does for
         # the relative position tables, which transformers interpolates itself).
@@ -292,7 +313,7 @@ class Backbone(nn.Module):
             h = _first(layer(h))
             if i in index:
                 mean = h.float().mean(dim=(1, 2))
-                captured[i] = (mean, mean)
+                captured[i] = (mean, mean, h) if layer_patch else (mean, mean)
         emb = enc.neck(h)  # [B, 256, h, w]
         patch = emb.permute(0, 2, 3, 1)
         pooled = patch.float().mean(dim=(1, 2))
