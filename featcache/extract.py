@@ -484,7 +484,8 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         "model": cfg.model,
         "weights": backbone.provenance.get("weights"),
         "res": cfg.res,
-        "preprocessing": preprocess.to_dict(),
+        # the settings decide compatibility on resume; the fixed steps are recorded beside (attrs)
+        "preprocessing": {k: v for k, v in preprocess.to_dict().items() if k != "pipeline"},
         "tokens": list(tokens),
         "layers": layers,
         "patch_pool": cfg.patch_pool,

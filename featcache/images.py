@@ -355,6 +355,21 @@ def _mask_array(im: Any, path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ preprocess
 
 
+PIPELINE: dict[str, str] = {
+    "decode": "float32 in [0, 1]: 8-bit / 255, 16-bit / 65535, DICOM after rescale and window; "
+    "grayscale kept as one channel",
+    "resize": "channels-first float32 in [0, 1]: bicubic/bilinear by torch.nn.functional.interpolate("
+    "align_corners=False, antialias=True); area: overlap-weighted mean; nearest: pixel-centre "
+    "floor((i + 0.5) * n_in / n_out); squash to res x res, letterbox long side / crop short side to res "
+    "(round half up), centred, an odd remainder after",
+    "clamp": "to [0, 1] after the resize",
+    "pad": "0.0 (letterbox), before normalisation",
+    "channels": "one channel replicated to 3 after the resize",
+    "normalize": "(x - mean) / std per channel, float32",
+}
+"""The fixed steps of :class:`Preprocess`, recorded with every set's preprocessing settings."""
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize and normalise a decoded image into a model input.
@@ -414,8 +429,13 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-ready data (stored as provenance in the feature store).
 
+        The record is complete enough to rebuild the model input without featcache: besides the
+        settings it states the value domain and every fixed step (``PIPELINE``), so a reader can
+        follow it with torch alone (``tests/test_provenance.py`` does, bit for bit).
+
         Returns:
-            ``{"res", "resize", "interpolation", "mean", "std"}`` with lists for mean and std.
+            ``{"res", "resize", "interpolation", "mean", "std", "pipeline"}`` with lists for mean and
+            std; ``pipeline`` is ``PIPELINE`` (fixed text, checked on reading).
         """
         return {
             "res": self.res,
@@ -423,6 +443,7 @@ class Preprocess:
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
+            "pipeline": dict(PIPELINE),
         }
 
     @classmethod
@@ -439,12 +460,17 @@ class Preprocess:
             FeatcacheError: unknown or missing keys, or invalid values.
         """
         fields = ("res", "resize", "interpolation", "mean", "std")
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted(set(data) - set(fields) - {"pipeline"})
         if unknown:
             raise FeatcacheError(f"unknown preprocessing keys {unknown}; expected {', '.join(fields)}")
         if "res" not in data:
             raise FeatcacheError("preprocessing settings lack 'res'")
-        return cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in data.items()})
+        if "pipeline" in data and dict(data["pipeline"]) != PIPELINE:  # older stores have none
+            raise FeatcacheError(
+                "the recorded preprocessing pipeline differs from this featcache's; extract with the "
+                f"featcache version that made the set (recorded: {data['pipeline']})"
+            )
+        return cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in data.items() if k in fields})
 
     def geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Where an image of ``height`` x ``width`` lands in the ``res`` x ``res`` output.
