@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from featcache.errors import FeatcacheError, ImageReadError
-from featcache.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_dicom, read_image, read_mask
+from featcache.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PIPELINE,
+    Preprocess,
+    is_dicom,
+    read_image,
+    read_mask,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -589,8 +597,13 @@ def test_dict_round_trip_through_json():
         "interpolation": "area",
         "mean": [0.5, 0.5, 0.5],
         "std": [0.25, 0.25, 0.25],
+        "pipeline": PIPELINE,
     }
     again = Preprocess.from_dict(data)
+    old = {k: v for k, v in data.items() if k != "pipeline"}  # sets recorded before the pipeline existed
+    assert Preprocess.from_dict(old) == pre
+    with pytest.raises(FeatcacheError, match="pipeline differs"):
+        Preprocess.from_dict({**data, "pipeline": {**PIPELINE, "clamp": "none"}})
     assert again == pre and hash(again) == hash(pre)
     with pytest.raises(FeatcacheError, match="colour_space"):
         Preprocess.from_dict({**data, "colour_space": "rgb"})
