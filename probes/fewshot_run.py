@@ -196,18 +196,9 @@ def run_fewshot(
 
 def _pool(data: ProbeData) -> ProbeData:
     """``data`` with the validation rows moved into train (the few-shot support pool)."""
-    from .data import Split
+    from .data import merge_train_val
 
-    t, v = data.train, data.val
-    train = Split(
-        np.concatenate([t.X, v.X]),
-        np.concatenate([t.y, v.y]),
-        np.concatenate([t.patients, v.patients]),
-        np.concatenate([t.ids, v.ids]),
-        np.concatenate([t.rows, v.rows]),
-    )
-    empty = Split(t.X[:0], t.y[:0], t.patients[:0], t.ids[:0], t.rows[:0])
-    return ProbeData(data.task, data.label_names, train, empty, data.test, dict(data.context))
+    return merge_train_val(data)
 
 
 def auroc_many(y: np.ndarray, S: np.ndarray) -> np.ndarray:

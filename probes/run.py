@@ -7,27 +7,9 @@ logistic-regression runners and re-exports the others (:mod:`probes.fewshot_run`
 thresholds chosen on val only), scores test, and returns long-format result rows
 (:mod:`probes.results`), appended to ``out`` (JSON lines) when given.
 
-Metrics (``label`` is a label column or a class name; ``mean`` is the summary over labels):
-
-- ``auroc`` per label, with a patient-level bootstrap 95% CI (``n_boot`` draws, fixed ``seed``).
-  The ``mean`` row averages the labels that have both classes among the test rows (labels without
-  are reported with a null value); its CI resamples patients and averages the same labels.
-  Multi-class: one-vs-rest AUROC per class, and the macro mean.
-- ``sensitivity@0.5``, ``specificity@0.5``, ``f1@0.5`` per label (score >= 0.5), and the same at
-  ``@youden``: the threshold maximising Youden's J on the validation split, applied unchanged to
-  test (``params.threshold``; null when validation lacks a class). Multi-class: per class, one vs
-  rest on the class probability.
-- Multi-class only: ``accuracy`` and ``balanced_accuracy`` of the arg-max class, with CIs (label
-  ``mean``).
-
-kNN scores that are undefined (all k neighbours miss the label) get the label's train prevalence.
-Logistic regression: labels with both classes in train and val get their C chosen on val; labels
-with both classes in train but one in val use the C that is best on the mean val AUROC of the
-others (``params.C_from = "shared"``); a label with one class in train cannot be fitted and is
-reported with null values and ``params.skipped`` saying why. Few-shot: a label with fewer eligible
-patients than K in the support pool (train + val) is reported likewise for that K, and the few-shot
-mean averages one fixed label set at every K, named in ``params.labels_in_mean``. Nothing is
-dropped silently.
+Metrics and their CIs: :mod:`probes.evaluate`; which rows each probe fits on, selection, refit
+and threshold rows: :mod:`probes.fit`; the protocols and every default: docs/PROTOCOLS.md. Nothing is
+dropped silently: a label a probe cannot learn has null values with ``params.skipped`` saying why.
 
 This module does not import torch.
 """
