@@ -394,6 +394,16 @@ def parse_manifest(
                 "label columns hold 1, 0, -1 or blank; fix the values or leave it out of the labels"
             )
 
+    # results name the summary over labels "mean": a label or class called so would collide with it
+    named_mean = [x for x in label_names if x.lower() == "mean"]
+    if "label" in cols:
+        named_mean += sorted({c for c in cols["label"] if c.lower() == "mean"})
+    if named_mean:
+        problems.append(
+            f"a label or class is named {named_mean[0]!r}, which result rows use for the mean over labels; "
+            "rename it (e.g. 'mean_finding')"
+        )
+
     if problems:
         raise ManifestError(f"{source}: " + "; ".join(problems))
 

@@ -110,3 +110,12 @@ def test_a_declared_label_column_with_other_values_names_the_rows(tmp_path):
     _files(tmp_path, ["a.png"])
     with pytest.raises(ManifestError, match=r"label column 'view' has values \['PA'\] at rows 2"):
         read_manifest(_csv(tmp_path / "m.csv", "path,view\na.png,PA\n"), labels=["view"])
+
+
+@pytest.mark.parametrize("text", ["path,mean\na.png,1\n", "path,label\na.png,Mean\n"])
+def test_a_label_or_class_named_mean_is_refused(tmp_path, text):
+    """Result rows call the summary over labels 'mean': a label so named would collide with it."""
+    _files(tmp_path, ["a.png"])
+    with pytest.raises(ManifestError, match="rows use for the mean over labels; rename it") as e:
+        read_manifest(_csv(tmp_path / "m.csv", text))
+    assert "\n" not in str(e.value)
