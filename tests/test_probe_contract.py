@@ -11,6 +11,7 @@ import inspect
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,15 @@ def test_probes_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_api_is_exported_from_probes_without_torch():
+    code = (
+        "import sys, probes\n"
+        "missing = [n for n in probes.__all__ if not hasattr(probes, n)]\n"
+        "assert not missing, missing\n"
+        "assert 'torch' not in sys.modules\n"
+        "from probes import KNNProbe, LogRegProbe, run_knn\n"
+        "assert KNNProbe.__module__ == 'probes.knn' and run_knn.__module__ == 'probes.run'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
