@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import softmax
-from scipy.stats import rankdata
 
 from featcache.errors import FeatcacheError
 
@@ -249,7 +248,8 @@ def knn_vote(
 
 
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve from ranks (ties count one half).
+    """Area under the ROC curve, ties counting one half: :func:`probes.metrics.auroc` (the one AUROC
+    of the package) on the rows whose label and score are both known.
 
     Args:
         y_true: float or int [n], 1 positive, 0 negative, NaN ignored.
@@ -258,16 +258,14 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     Returns:
         AUROC in [0, 1]; NaN when the known labels hold only one class.
     """
+    from .metrics import auroc as _auroc
+
     y = np.asarray(y_true, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
-    y, s = y[keep], s[keep]
-    n_pos = int((y == 1).sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if not keep.any():
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return _auroc(y[keep], s[keep])
 
 
 def auroc_columns(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
