@@ -37,7 +37,9 @@ Scoring (``scored_at``), test images one at a time:
   bilinearly to ``res``); cheaper, but for non-square films on ``squash`` its pixels are anisotropic.
 
 Metrics (:mod:`probes.seg_metrics`): ``dice``, ``jaccard``, ``dice_jaccard_mean`` and ``hd95``.
-HD95 is in millimetres when every test image is a DICOM file with a pixel spacing
+HD95 is in millimetres when every test row of a slice manifest records its voxel spacing
+(``meta_spacing_row``/``_col``/``_slice``, written by ``featcache volumes``), or, for sets without
+those columns, when every test image is a DICOM file with a pixel spacing
 (:func:`probes.seg_frame.pixel_spacing`: ``PixelSpacing``, else ``ImagerPixelSpacing``), rows and
 columns scaled separately; otherwise in pixels of the scoring frame. One mean never mixes units:
 when only some test images have a spacing, every HD95 is in pixels, and that is said once (a
@@ -79,7 +81,14 @@ from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_bas
 from .seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
 from .seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
 from .seg_unet import LayerChoice, resolve_layers
-from .seg_volume import SCORED_PER, score_volumes, slice_spacings, spacing_unit, volume_groups
+from .seg_volume import (
+    SCORED_PER,
+    SPACING_COLUMNS,
+    score_volumes,
+    slice_spacings,
+    spacing_unit,
+    volume_groups,
+)
 
 __all__ = [
     "HEADS",
@@ -226,9 +235,15 @@ def _hd95_unit(image_paths: Sequence[Path]) -> tuple[list, str, dict[str, Any]]:
 
 
 def _test_spacings(fs: FeatureSet, test: np.ndarray, data_root: Path, per_volume: bool):
-    """Spacing per test row (for the scorer) and the params recording the HD95 unit."""
+    """Spacing per test row (for the scorer) and the params recording the HD95 unit.
+
+    The voxel spacing a slice manifest records (``meta_spacing_*``) comes first; a set without those
+    columns scored per slice falls back to the images' DICOM pixel spacing; a set that has them on
+    only some test rows is scored in pixels, and says why.
+    """
     recorded, why_not = slice_spacings(fs, test)
-    if why_not is None or per_volume:
+    has_columns = all(c in fs.meta_names() for c in SPACING_COLUMNS)
+    if why_not is None or per_volume or has_columns:
         return recorded, spacing_unit(recorded, why_not, stacklevel=4)
     spacings, _, unit_params = _hd95_unit([data_root / fs.paths[r] for r in test])
     return spacings, unit_params

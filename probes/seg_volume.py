@@ -12,10 +12,13 @@ surface would be wrong.
 Voxel spacing. HD95 is in millimetres when the slice rows carry ``meta_spacing_row``,
 ``meta_spacing_col`` (mm between rows and columns of the slice image) and ``meta_spacing_slice``
 (mm between consecutive slice indices); the distance between stacked slices is
-``spacing_slice * N`` for every N-th slice. ``featcache volumes`` does not write these columns yet;
-without them HD95 is in voxels of the stacked grid (one unit per row, column and kept slice,
-however anisotropic the voxels), which is recorded (``params.hd95_unit = "px"``,
-``hd95_px_because``) and said once. The same columns give per-slice HD95 in millimetres.
+``spacing_slice * N`` for every N-th slice. ``featcache volumes`` writes them (from the volume's
+canonical affine: the NIfTI header, or a DICOM series' PixelSpacing and slice positions). Without
+them, or when some test slices lack a positive value, HD95 is in voxels of the stacked grid (one
+unit per row, column and kept slice, however anisotropic the voxels), which is recorded
+(``params.hd95_unit = "px"``, ``hd95_px_because``) and said once. The same columns give per-slice
+HD95 in millimetres. A volume is scored with the spacing of its first slice (the slices of one
+volume share it).
 
 CIs resample patients (a patient's volumes together); ``n_test`` counts volumes.
 """

@@ -3,6 +3,8 @@ numpy/scipy reference computed from the saved predicted volumes, voxel spacing f
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -159,3 +161,48 @@ def test_slice_rows_without_meta_volume_cannot_be_scored_per_volume(tmp_path):
     cache, *_ = layered_store(tmp_path, n=9)
     with pytest.raises(FeatcacheError, match="meta_volume"):
         run_seg(cache, epochs=1, n_boot=10, scored_per="volume")
+
+
+def _hd95_2d_brute(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """2-D HD95 over all boundary pixel pairs (boundary: a 4-neighbour outside or the image edge)."""
+
+    def boundary(m):
+        pad = np.pad(m, 1)
+        inner = m & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+        return np.argwhere(m & ~inner) * np.asarray(spacing)
+
+    pa, pb = boundary(a), boundary(b)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def test_per_slice_hd95_is_in_mm_from_the_recorded_spacing(volume_rows):
+    _, _, tmp, _, splits = volume_rows
+    cache, pred_dir = tmp / "cache", tmp / "pred_slices"
+    rows = run_seg(cache, head="linear", epochs=20, n_boot=20, save_masks=pred_dir, baseline=False)
+    values = []
+    for i in np.flatnonzero(splits == "test"):
+        p = read_mask(pred_dir / f"img{i:02d}.png") == 1
+        t = read_mask(tmp / "data" / "masks" / f"img{i:02d}.png") == 1
+        if p.any() and t.any():
+            values.append(_hd95_2d_brute(p, t, (0.7, 0.9)))  # meta_spacing_row, meta_spacing_col
+    r = next(r for r in rows if r["label"] == "structure_1" and r["metric"] == "hd95")
+    assert r["value"] == pytest.approx(np.mean(values), rel=1e-9)
+    assert r["params"]["hd95_unit"] == "mm" and r["params"]["scored_per"] == "slice"
+    assert r["params"]["spacing_tags"] == {"meta_spacing": len(np.flatnonzero(splits == "test"))}
+
+
+@pytest.mark.parametrize("scored_per", ["volume", "slice"])
+def test_spacing_missing_on_some_slices_gives_pixels_said_once(tmp_path, scored_per):
+    n = N_VOL * N_SLICES
+    meta = _volume_meta(n)
+    meta["meta_spacing_slice"] = meta["meta_spacing_slice"].astype(object)
+    meta["meta_spacing_slice"][n - 1] = ""  # one test slice without a slice spacing
+    cache, *_ = layered_store(tmp_path, n=n, signal_layer=3, meta=meta, masks=_volume_masks(n))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = run_seg(cache, epochs=2, n_boot=10, scored_per=scored_per, baseline=False)
+    said = [w for w in caught if "no positive voxel spacing" in str(w.message)]
+    assert len(said) == 1 and "1 of 8 test slices" in str(said[0].message)
+    p = rows[0]["params"]
+    assert p["hd95_unit"] == "px" and p["hd95_px_because"] == str(said[0].message)

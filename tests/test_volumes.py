@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from featcache.errors import FeatcacheError, ImageReadError
+from featcache.errors import FeatcacheError, ImageReadError, ManifestError
 from featcache.images import read_image, read_mask
 from featcache.manifest import read_manifest
 from featcache.volumes import (
@@ -316,3 +316,66 @@ def test_nan_voxels_do_not_blank_the_percentile_window():
     np.testing.assert_allclose((lo, hi), np.percentile(finite.astype(np.float64), [1, 99]), rtol=1e-6)
     out = apply_window(vol, lo, hi)
     assert out[0, 0, 0] == 0 and out.max() == 65535
+
+
+# ------------------------------------------------------------------------------------------ voxel spacing
+
+
+def _spacing_of(m, k: int) -> tuple[float, float, float]:
+    return tuple(float(m.meta[f"meta_spacing_{a}"][k]) for a in ("row", "col", "slice"))
+
+
+@pytest.mark.parametrize(
+    "axis, png_shape, expected",
+    [
+        # hand-derived from the file's affine below: canonical R 0.7 mm (5 voxels), A 0.9 mm (6), S 5.0 mm (4)
+        (2, (6, 5), (0.9, 0.7, 5.0)),  # axial: rows anterior-posterior, columns right-left, slices S
+        (1, (4, 5), (5.0, 0.7, 0.9)),  # coronal: rows superior-inferior, columns right-left, slices A
+        (0, (4, 6), (5.0, 0.9, 0.7)),  # sagittal: rows superior-inferior, columns anterior-posterior
+    ],
+)
+def test_spacing_columns_follow_the_slice_layout(tmp_path, axis, png_shape, expected):
+    # voxel axes of the file: 0 -> superior (5.0 mm), 1 -> patient left (0.7 mm), 2 -> anterior (0.9 mm)
+    affine = np.array([[0, -0.7, 0, 10.0], [0, 0, 0.9, -5.0], [5.0, 0, 0, 3.0], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii.gz")
+    manifest = _write_csv(tmp_path / "v.csv", ["path", "id", "split"], [["v.nii.gz", "v", "test"]])
+    for every in (1, 2):
+        out = tmp_path / f"s{every}"
+        res = expand_volumes(manifest, out, axis=axis, every=every)
+        m = read_manifest(res.manifest)
+        assert len(m) == len(range(0, {2: 4, 1: 6, 0: 5}[axis], every))
+        for k in range(len(m)):
+            assert _png(m.abspath(k)).shape == png_shape  # rows and columns are the ones named above
+            assert _spacing_of(m, k) == pytest.approx(
+                expected, rel=1e-6
+            )  # NIfTI stores float32; every ignored
+        assert res.volumes[0]["spacing_mm"] == pytest.approx(list(expected))
+
+
+def test_dicom_series_spacing_from_pixel_spacing_and_positions(tmp_path):
+    # PixelSpacing [0.7, 0.6]: 0.7 mm between rows, 0.6 mm between columns; slices 2.5 mm apart
+    _series(tmp_path / "ct" / "ax", [(-30.0, -20.0, z) for z in (5.0, 0.0, 7.5, 2.5)], (1, 0, 0, 0, 1, 0))
+    # coronal slices 10 mm apart along y, rows running inferior (so 0.7 mm between superior-inferior rows)
+    _series(tmp_path / "ct" / "cor", [(-30.0, y, 40.0) for y in (10.0, 30.0, 0.0, 20.0)], (1, 0, 0, 0, 0, -1))
+    ax = read_manifest(
+        expand_volumes(
+            _write_csv(tmp_path / "a.csv", ["path", "split"], [["ct/ax", "test"]]), tmp_path / "a"
+        ).manifest
+    )
+    cor = read_manifest(
+        expand_volumes(
+            _write_csv(tmp_path / "c.csv", ["path", "split"], [["ct/cor", "test"]]), tmp_path / "c", axis=1
+        ).manifest
+    )
+    assert all(_spacing_of(ax, k) == pytest.approx((0.7, 0.6, 2.5)) for k in range(len(ax)))
+    assert all(_spacing_of(cor, k) == pytest.approx((0.7, 0.6, 10.0)) for k in range(len(cor)))
+
+
+def test_spacing_columns_are_reserved(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), tmp_path / "v.nii")
+    manifest = _write_csv(
+        tmp_path / "v.csv", ["path", "split", "meta_spacing_slice"], [["v.nii", "test", "3"]]
+    )
+    with pytest.raises(ManifestError, match="meta_spacing_slice.*reserved"):
+        expand_volumes(manifest, tmp_path / "s")
