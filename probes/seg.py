@@ -484,14 +484,14 @@ def run_seg(
     common = {"seed": int(seed), "n_train": len(keep["train"])}
     names = names + [f"structure_{k}" for k in range(len(names) + 1, K + 1)]
     entries = [
-        {**common, **e, "head": head, "params": params}
+        {**common, **e, "head": head, "params": {**params, **e.get("params", {})}}
         for e in _ci_entries(probe_vals, names, patients, n_boot, seed)
     ]
     rows = make_rows({**context, "probe": "seg"}, entries)
     if baseline:
         base_params = {**frame, "val_carved": carved}
         base_entries = [
-            {**common, **e, "params": base_params}
+            {**common, **e, "params": {**base_params, **e.get("params", {})}}
             for e in _ci_entries(base_vals, names, patients, n_boot, seed)
         ]
         rows += make_rows({**context, "probe": "seg-baseline"}, base_entries)

@@ -197,6 +197,7 @@ def _ci_entries(
         per = _per_structure(v)
         ci = bootstrap_ci(_per_structure, v, dummy, patients, n_boot, seed)
         low, high, skipped = np.atleast_1d(ci.low), np.atleast_1d(ci.high), np.atleast_1d(ci.n_skipped)
+        reasons = ci.reason if isinstance(ci.reason, list) else [ci.reason] * len(names)
         for j, name in enumerate(names):
             defined = ~np.isnan(v[:, j])
             entries.append(
@@ -204,10 +205,7 @@ def _ci_entries(
                     "label": name,
                     "metric": metric,
                     "value": float(per[j]),
-                    "ci_low": float(low[j]),
-                    "ci_high": float(high[j]),
-                    "n_boot": n_boot,
-                    "n_boot_skipped": int(skipped[j]),
+                    **_ci_fields(low[j], high[j], skipped[j], reasons[j], n_boot),
                     "n_test": int(defined.sum()),
                     "n_patients_test": int(len(np.unique(patients[defined]))),
                 }
@@ -218,12 +216,16 @@ def _ci_entries(
                 "label": "mean",
                 "metric": metric,
                 "value": _over_structures(v),
-                "ci_low": float(ci.low),
-                "ci_high": float(ci.high),
-                "n_boot": n_boot,
-                "n_boot_skipped": int(ci.n_skipped),
+                **_ci_fields(ci.low, ci.high, ci.n_skipped, ci.reason, n_boot),
                 "n_test": len(patients),
                 "n_patients_test": int(len(np.unique(patients))),
             }
         )
     return entries
+
+
+def _ci_fields(low, high, skipped, reason, n_boot: int) -> dict:
+    """A row's CI fields; a CI that cannot be given (too few patients) has none, and says why."""
+    if reason or not np.isfinite(low):
+        return {"params": {"ci": f"no CI ({reason or 'too few patients with a defined value'})"}}
+    return {"ci_low": float(low), "ci_high": float(high), "n_boot": n_boot, "n_boot_skipped": int(skipped)}

@@ -252,12 +252,23 @@ def _ci_reason(metric_fn: Callable, y, patient_ids):
     return None if n_pat >= MIN_PATIENTS else f"{n_pat} patient{'' if n_pat == 1 else 's'}"
 
 
+def _blank_one(a, n_boot: int):
+    """One value (or array of per-structure values) blanked: counts become n_boot, the rest NaN."""
+    if isinstance(a, np.ndarray):
+        return (
+            np.full_like(a, n_boot)
+            if np.issubdtype(a.dtype, np.integer)
+            else np.full_like(a, np.nan, dtype=float)
+        )
+    return n_boot if isinstance(a, (int, np.integer)) else float("nan")
+
+
 def _blank(reason, n_boot: int, *arrays):
     """NaN the entries of ``arrays`` (and set n_skipped = n_boot) where ``reason`` is not None."""
     if reason is None or (isinstance(reason, list) and not any(reason)):
         return arrays
     if not isinstance(reason, list):
-        return tuple(float("nan") if not isinstance(a, (int, np.integer)) else n_boot for a in arrays)
+        return tuple(_blank_one(a, n_boot) for a in arrays)
     bad = np.array([r is not None for r in reason])
     out = []
     for a in arrays:

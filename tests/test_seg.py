@@ -634,3 +634,16 @@ def test_a_set_with_an_interrupted_manifest_replacement_is_refused(tmp_path):
     fs.update_attrs(manifest_digest="replacing:" + str(fs.attrs.get("manifest_digest")))
     with pytest.raises(FeatcacheError, match="interrupted"):
         run_seg(cache, epochs=1, n_boot=10)
+
+
+def test_one_test_patient_gives_values_without_a_ci_and_says_why():
+    """A patient bootstrap from one patient cannot give an interval: the rows carry the value and the reason."""
+    from probes.seg_metrics import SEG_METRICS, _ci_entries
+
+    values = {m: np.array([[0.5, 0.7], [0.6, np.nan]]) for m in SEG_METRICS}
+    entries = _ci_entries(values, ["lung", "heart"], np.array(["p0", "p0"]), 50, 0)
+    assert len(entries) == 3 * len(SEG_METRICS)
+    for e in entries:
+        assert "ci_low" not in e and e["params"]["ci"].startswith("no CI (")
+    lung = next(e for e in entries if e["label"] == "lung" and e["metric"] == "dice")
+    assert lung["value"] == pytest.approx(0.55) and lung["n_patients_test"] == 1
