@@ -5,6 +5,12 @@ file, a batch job) one plain line every ``interval`` seconds and one at the end,
 short. The verbosity level is process-wide: ``-1`` quiet (no progress, no library loading bars),
 ``0`` normal, ``1`` verbose (one line per step); the CLI groups set it from ``--quiet/--verbose``.
 
+Probe steps (bootstrap draws, kNN query blocks, cross-validation folds ...) open their bars with
+:func:`probe_progress`. Those are off in library calls, so a notebook or a test calling
+``probes.run.run_knn`` prints nothing; a command turns them on with ``set_probe_progress(True)``.
+They write to stderr only, appear only once a step has run ``delay`` seconds (2 s), and a short
+step leaves no line behind.
+
 This module imports neither torch nor transformers.
 """
 
@@ -16,10 +22,21 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Progress", "get_verbosity", "set_verbosity", "quiet_libraries"]
+__all__ = [
+    "Progress",
+    "get_verbosity",
+    "probe_progress",
+    "probe_progress_on",
+    "quiet_libraries",
+    "set_probe_progress",
+    "set_verbosity",
+]
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _level = NORMAL
+_probe_steps = False
+PROBE_DELAY = 2.0
+"""Seconds a probe step runs before its bar (or first line) is shown."""
 
 
 def get_verbosity() -> int:
@@ -35,6 +52,30 @@ def set_verbosity(level: int) -> None:
     _level = level
     if level == QUIET:
         quiet_libraries()
+
+
+def set_probe_progress(on: bool) -> None:
+    """Turn the probe steps' progress on (the commands) or off (the default: library calls)."""
+    global _probe_steps
+    _probe_steps = bool(on)
+
+
+def probe_progress_on() -> bool:
+    """Whether probe steps show progress: switched on and the verbosity not quiet."""
+    return _probe_steps and _level > QUIET
+
+
+def probe_progress(total: int | None, desc: str, unit: str = "steps") -> Progress:
+    """A :class:`Progress` for one probe step: shown only when :func:`probe_progress_on`, after
+    :data:`PROBE_DELAY` seconds, on stderr; a bar that ends sooner leaves nothing behind.
+
+    Example:
+        >>> with probe_progress(n_blocks, "kNN search", unit="blocks") as bar:
+        ...     for block in blocks:
+        ...         search(block)
+        ...         bar.update(1)
+    """
+    return Progress(total, desc, unit, enabled=probe_progress_on(), delay=PROBE_DELAY, leave=False)
 
 
 def quiet_libraries() -> None:
@@ -83,6 +124,10 @@ class Progress:
         stream: where to write (default ``sys.stderr``).
         interval: seconds between plain lines when the stream is not a terminal.
         clock: monotonic clock in seconds (tests pass a fake one).
+        delay: seconds before anything is shown: the tqdm bar appears after it (tqdm's ``delay``),
+            the first plain line comes at ``max(delay, interval)`` and the closing line only when
+            the work took at least ``delay`` (0: as before, a closing line whenever work was done).
+        leave: keep the tqdm bar on screen when it closes (False for inner steps).
     """
 
     def __init__(
@@ -95,6 +140,8 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        delay: float = 0.0,
+        leave: bool = True,
     ) -> None:
         self.total = total
         self.desc = desc
@@ -104,8 +151,9 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.interval = float(interval)
         self._clock = clock
+        self.delay = float(delay)
         self._start = clock()
-        self._last_line = self._start
+        self._last_line = self._start + max(0.0, self.delay - self.interval)
         self._bar = None
         self._closed = False
         if self.enabled and _is_tty(self.stream):
@@ -115,7 +163,13 @@ class Progress:
                 tqdm = None
             if tqdm is not None:
                 self._bar = tqdm(
-                    total=total, desc=desc, unit=f" {unit}", file=self.stream, dynamic_ncols=True
+                    total=total,
+                    desc=desc,
+                    unit=f" {unit}",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    delay=self.delay,
+                    leave=leave,
                 )
 
     def __enter__(self) -> Progress:
@@ -172,7 +226,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled and self.n:
+        elif self.enabled and self.n and self._clock() - self._start >= self.delay:
             print(self.line(), file=self.stream, flush=True)
 
 

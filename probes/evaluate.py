@@ -4,7 +4,9 @@ Shared by every classification runner (:mod:`probes.run`, :mod:`probes.fewshot_r
 :mod:`probes.compare`). Metrics (``label`` is a label column or a class name; ``mean`` is the
 summary over labels):
 
-- ``auroc`` per label, with a patient-level bootstrap 95% CI (``n_boot`` draws, fixed ``seed``).
+- ``auroc`` per label, with a patient-level bootstrap 95% CI (``n_boot`` draws, fixed ``seed``)
+  and the test ROC curve in ``params.roc`` (``{"fpr", "tpr"}``, at most 101 exact vertices,
+  thinned by FPR beyond that: :mod:`probes.roc`).
   The ``mean`` row averages the labels that have both classes among the test rows (labels without
   are reported with a null value); its CI resamples patients and averages the same labels.
   Multi-class: one-vs-rest AUROC per class, and the macro mean.
@@ -42,6 +44,7 @@ from .calibration import DEFAULT_BINS
 from .data import ProbeData, load_probe_data
 from .fit import Scored
 from .results import RESULT_FIELDS, append_jsonl, make_rows
+from .roc import roc_curve_params
 from .score_rows import score_entries
 from .stats import bootstrap_ci
 
@@ -187,8 +190,9 @@ def evaluate_scores(
             why_not = (label_extra[j].get("params") or {}).get("skipped", "the probe could not be fitted")
         elif not defined[j]:
             why_not = _one_class_reason(Y[:, j])
-        auc_skip = {"params": {"skipped": why_not}} if why_not else {}
-        entry(name, "auroc", _finite(auc[j]), label_extra[j], **counts, **ci_fields, **auc_skip)
+        auc_params = {"skipped": why_not} if why_not else {"roc": roc_curve_params(Y[:, j], S[:, j])}
+        auc_params.update(ci_fields.pop("params", {}))
+        entry(name, "auroc", _finite(auc[j]), label_extra[j], **counts, **ci_fields, params=auc_params)
         if not fitted[j]:
             for m in _THRESHOLD_METRICS:
                 for t in ("0.5", "youden"):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.progress import probe_progress
 
 from .data import ProbeData, Split, merge_train_val, with_carved_val
 from .logreg import LogRegProbe
@@ -98,9 +99,11 @@ def oof_scores(
     """
     folds = patient_folds(split.patients, n_folds, seed)
     out: Any = None
+    bar = probe_progress(len(np.unique(folds)), "out-of-fold scores (thresholds)", unit="folds")
     for f in np.unique(folds):
         held = folds == f
         s = fit_score(_take(split, ~held), split.X[held])
+        bar.update(1)
         if out is None:
             out = (
                 {k: np.full((len(split), v.shape[1]), np.nan) for k, v in s.items()}
@@ -112,6 +115,7 @@ def oof_scores(
                 out[k][held] = v
         else:
             out[held] = s
+    bar.close()
     return out
 
 
@@ -174,7 +178,8 @@ def _knn_raw(
     if method == "mlknn":
         from .mlknn import MLkNNProbe
 
-        return {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y).predict_proba(X) for k in ks}
+        fits = {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y) for k in ks}
+        return _in_blocks(X, lambda q: {k: m.predict_proba(q) for k, m in fits.items()}, "ML-kNN")
     search = kw.get("search", "flat")
     if search == "flat":
         from .knn import KNNProbe
@@ -186,7 +191,25 @@ def _knn_raw(
         probe = ScalableKNNProbe(
             k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method, search=search
         )
-    return probe.fit(train.X, train.y).scores_for_ks(X, ks)
+    probe.fit(train.X, train.y)
+    return _in_blocks(X, lambda q: probe.scores_for_ks(q, ks), f"kNN search ({len(train)} indexed)")
+
+
+QUERY_BLOCK = 8192
+"""Query rows scored per step of the kNN progress bar (each row's vote is its own: blocks change nothing)."""
+
+
+def _in_blocks(X: np.ndarray, score, desc: str) -> dict[int, np.ndarray]:
+    """``score(X)`` (k -> float [q, L]) computed :data:`QUERY_BLOCK` query rows at a time, with
+    progress (queries/s, ETA) on stderr when the command turned it on."""
+    if len(X) <= QUERY_BLOCK:
+        return score(X)
+    parts: list[dict[int, np.ndarray]] = []
+    with probe_progress(len(X), desc, unit="queries") as bar:
+        for start in range(0, len(X), QUERY_BLOCK):
+            parts.append(score(X[start : start + QUERY_BLOCK]))
+            bar.update(len(parts[-1][next(iter(parts[-1]))]))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def knn_scores(

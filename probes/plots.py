@@ -427,3 +427,11 @@ def plot_compare(
     g = grid(sel, ("label",), ("pair",), line_order=label_order(sel))
     title = (title or _default_title(g.runs, "paired AUROC differences")) + _mean_note(g.runs, "mean")
     return _forest(g, path, "AUROC difference (A − B)", title, zero_line=True)
+
+
+def __getattr__(name: str):
+    if name == "plot_roc":  # lives in probes.roc (which imports this module's helpers)
+        from .roc import plot_roc
+
+        return plot_roc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -330,6 +330,7 @@ def _auto_figures(
     """The figures an HTML report shows when not asked for one by one; a figure that cannot be drawn
     (e.g. matplotlib missing) is left out and said once."""
     from .plots import plot_compare, plot_fewshot, plot_forest, plot_k
+    from .roc import plot_roc
 
     made_kinds = {c.split(":")[0].split(" ")[0] for c, _ in made}
     todo = []
@@ -363,6 +364,24 @@ def _auto_figures(
                 (
                     f"kNN: {metric} against k, {', '.join(f'{f}={v}' for f, v in where.items())}",
                     lambda path, w=where: plot_k(knn, path, by=by, metric=metric, label=label, where=w),
+                )
+            )
+    with_roc = [
+        r for r in rows if r.get("metric") == "auroc" and isinstance((r.get("params") or {}).get("roc"), dict)
+    ]
+    if "ROC" not in made_kinds:
+        for key in dict.fromkeys((r.get("dataset"), r.get("probe"), r.get("features")) for r in with_roc):
+            where = dict(zip(("dataset", "probe", "features"), key))
+            todo.append(
+                (
+                    f"ROC curves (test rows): {', '.join(f'{f}={v}' for f, v in where.items())}",
+                    lambda path, w=where: plot_roc(
+                        [r for r in with_roc if r.get("features") == w["features"]],
+                        path,
+                        dataset=w["dataset"],
+                        probe=w["probe"],
+                        title=f"ROC: {w['dataset']}, {w['probe']}, {w['features']}",
+                    ),
                 )
             )
     out = []

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.progress import probe_progress
 
 from . import calibration, metrics
 from .stats import MIN_PATIENTS, bootstrap_draws
@@ -148,9 +149,11 @@ def score_entries(
     out: list[dict[str, Any]] = []
     draws_of: dict[str, dict[int, np.ndarray]] = {m: {} for m in SCORE_METRICS}
     value_of: dict[str, dict[int, float]] = {m: {} for m in SCORE_METRICS}
+    bar = probe_progress(len(names) * len(SCORE_METRICS) * n_boot, "bootstrap AUPRC/ECE/Brier", "draws")
     for j, name in enumerate(names):
         y, s = Y[:, j], S[:, j]
         for m in SCORE_METRICS:
+            bar.update(n_boot)
             p: dict[str, Any] = {} if m == "auprc" else {"calibration_of": calibration_of}
             if m == "ece":
                 p["ece_bins"] = n_bins
@@ -180,6 +183,7 @@ def score_entries(
                 continue
             low, high, skipped = percentile_ci(d)
             e.update(ci_low=low, ci_high=high, n_boot=n_boot, n_boot_skipped=skipped)
+    bar.close()
     for m in SCORE_METRICS:
         used = sorted(value_of[m])
         p = {"labels_in_mean": [names[j] for j in used]}

@@ -72,6 +72,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError, StoreError
 from featcache.images import Preprocess, read_mask
+from featcache.progress import probe_progress
 from featcache.store import FeatureSet, FeatureStore
 
 from .data import SPLITS, carve_val, open_checked_set
@@ -431,6 +432,7 @@ def run_seg(
     kept: dict[str, dict[int, np.ndarray]] = {"pred": {}, "truth": {}, "base": {}, "mm": {}}
     model = probe._model()
     ids = fs.ids
+    bar = probe_progress(len(test), "seg: scoring test masks (HD95)", unit="images")
     for pos, block in tokens(test).blocks():
         logits = probe.head_logits(model, block)
         for p, image_logits in zip(pos, logits):
@@ -453,6 +455,8 @@ def run_seg(
             if baseline:
                 for mname, v in seg_metrics(base_map[None], truth[None], K, spacing).items():
                     base_vals[mname][p] = v[0]
+        bar.update(len(pos))
+    bar.close()
     patients = fs.patient_ids[test]
     if groups is not None:
         probe_vals, base_vals = score_volumes(groups, kept, K, spacings, test, baseline, folder, _safe_name)

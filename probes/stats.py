@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from featcache.progress import probe_progress
 from probes import metrics
 from probes._stats_delong import (
     MIN_PATIENTS,
@@ -190,6 +191,7 @@ def _weighted_auroc_draws(y: np.ndarray, score: np.ndarray, counts: np.ndarray, 
     """AUROC of every draw and label from patient counts: float64 [B, L] for y, score [n, L]."""
     n_boot = len(counts)
     out = np.full((n_boot, y.shape[1]), np.nan)
+    bar = probe_progress(n_boot * y.shape[1], "bootstrap AUROC", unit="draws")  # stderr, off in library calls
     for j in range(y.shape[1]):
         keep = ~np.isnan(y[:, j])
         order = np.argsort(score[keep, j])
@@ -201,6 +203,8 @@ def _weighted_auroc_draws(y: np.ndarray, score: np.ndarray, counts: np.ndarray, 
         for b in range(0, n_boot, step):
             w = counts[b : b + step][:, pat_sorted].astype(np.float64)
             out[b : b + step, j] = _rank_auroc(w * is_pos, w * is_neg, first, last)
+            bar.update(len(w))
+    bar.close()
     return out
 
 
@@ -286,9 +290,11 @@ def _draw_values(metric_fn: Callable, y, score, counts: np.ndarray, inverse: np.
     y, score = np.asarray(y), np.asarray(score)
     rows = np.arange(len(inverse))
     values = []
-    for c in counts:
-        idx = np.repeat(rows, c[inverse])
-        values.append(np.asarray(metric_fn(y[idx], score[idx]), dtype=np.float64))
+    with probe_progress(len(counts), "bootstrap", unit="draws") as bar:
+        for c in counts:
+            idx = np.repeat(rows, c[inverse])
+            values.append(np.asarray(metric_fn(y[idx], score[idx]), dtype=np.float64))
+            bar.update(1)
     return np.stack(values)
 
 

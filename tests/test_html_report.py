@@ -92,6 +92,30 @@ def test_html_report_is_self_contained(tmp_path):
     assert notes and notes[0].startswith("dropped 4 duplicate rows")
 
 
+def test_html_report_shows_roc_curves_of_rows_that_carry_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    from probes.roc import roc_curve_params
+    from probes.run import run_report
+
+    res = tmp_path / "r.jsonl"
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, shift in (("dinov3-vitb16", 1.0), ("rad-dino", 1.5)):
+        for lab in LABELS:
+            y = (rng.random(120) < 0.3).astype(float)
+            s = rng.normal(size=120) + shift * y
+            rows.append({"dataset": "nih", "model": model, "res": 512, "features": "cls", "probe": "logreg",
+                         "metric": "auroc", "label": lab, "value": 0.8, "seed": 1,
+                         "params": {"roc": roc_curve_params(y, s)}})  # fmt: skip
+    append_jsonl(res, rows)
+    run_report(res, html=tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "ROC curves (test rows): dataset=nih, probe=logreg, features=cls" in page
+    images = _images(page)
+    assert len(images) == 2 and all(px.std() > 10 for px in images)  # the forest plot and the ROC grid
+    assert images[1].shape[1] == 3 * 480  # one panel per label
+
+
 def test_html_from_the_cli_and_errors_are_one_line(tmp_path):
     pytest.importorskip("matplotlib")
     from cli import probes

@@ -260,3 +260,88 @@ def test_quiet_silences_the_libraries_loading_bars(monkeypatch):
     assert CliRunner().invoke(featcache, ["-v", "models", "dinov3-vits16"]).exit_code == 0
     assert get_verbosity() == 1
     set_verbosity(0)
+
+
+def _real_manifest(src, out, labels, n_per_split, carve_test=False):
+    """A manifest of the first rows of each split of a shared data set (paths stay in ``src``).
+
+    PneumoniaMNIST has no test split and no patient ids (README): its val rows become test, the
+    last fifth of the train rows val, and every image is its own patient.
+    """
+    import csv
+
+    with open(src / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if carve_test:
+        train = [r for r in rows if r["split"] == "train"]
+        for r in rows:
+            r["split"] = "test" if r["split"] == "val" else r["split"]
+        for r in train[int(0.8 * len(train)) :]:
+            r["split"] = "val"
+    picked = []
+    for split, n in n_per_split.items():
+        of = [r for r in rows if r["split"] == split]
+        step = max(1, len(of) // n)  # spread over the split, so both classes come along
+        picked += of[::step][:n]
+    cols = {"path": [], "id": [], "patient_id": [], "split": [], **{lab: [] for lab in labels}}
+    for r in picked:
+        cols["path"].append(r["image_path"])
+        cols["id"].append(r["image_path"].rsplit("/", 1)[-1].removesuffix(".png"))
+        cols["patient_id"].append(r["patient_id"] or cols["id"][-1])
+        cols["split"].append(r["split"])
+        for lab in labels:
+            cols[lab].append(int(r["label"] if lab == "pneumonia" else r[lab]))
+    from featcache.manifest import write_manifest
+
+    return write_manifest(out, cols)
+
+
+def test_study_on_the_real_chest_xray_sets(shared_data, tmp_path):
+    """2 random backbones x 2 resolutions x NIH (tiny64) and PneumoniaMNIST x kNN/logreg/few-shot."""
+    torch = pytest.importorskip("torch")
+    nih, pneu = shared_data / "nih_cxr14_tiny64", shared_data / "pneumoniamnist_subset"
+    if not (nih / "labels.csv").is_file() or not (pneu / "labels.csv").is_file():
+        pytest.skip("nih_cxr14_tiny64 or pneumoniamnist_subset missing from the shared data")
+    sizes = {"train": 32, "val": 16, "test": 24}
+    _real_manifest(nih, tmp_path / "nih.csv", ["no_finding", "infiltration"], sizes)
+    _real_manifest(pneu, tmp_path / "pneu.csv", ["pneumonia"], sizes, carve_test=True)
+    plan_text = PLAN.format(out="real", backbones=json.dumps(BACKBONES), resolutions=[16, 32])
+    plan_text = plan_text.replace(
+        '[datasets.alpha]\nmanifest = "alpha/manifest.csv"',
+        f'[datasets.nih]\nmanifest = "nih.csv"\nroot = "{nih}"\nlabels = ["no_finding", "infiltration"]',
+    ).replace(
+        '[datasets.beta]\nmanifest = "beta/manifest.csv"\nlabels = ["cardiomegaly", "effusion"]',
+        f'[datasets.pneumonia]\nmanifest = "pneu.csv"\nroot = "{pneu}"\nlabels = ["pneumonia"]',
+    )
+    path = tmp_path / "real.toml"
+    path.write_text(plan_text)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_study(load_plan(path), report=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert (result.steps, result.ran, result.skipped) == (24, 24, 0)
+    rows = read_jsonl(load_plan(path).results)
+    assert {r["dataset"] for r in rows} == {"nih", "pneumonia"}
+    assert {(r["model"], r["res"]) for r in rows} == {(m, r) for m in BACKBONES for r in (16, 32)}
+    assert {r["probe"] for r in rows} == {"knn", "logreg", "fewshot"}
+    means = [r for r in rows if r["metric"] == "auroc" and r["label"] == "mean" and r["probe"] != "fewshot"]
+    assert means and all(r["value"] is not None and 0 <= r["value"] <= 1 for r in means)
+    # every defined label AUROC carries its ROC, and the curve's area is that AUROC
+    import numpy as np
+
+    for r in rows:
+        if (
+            r["metric"] == "auroc"
+            and r["label"] != "mean"
+            and r["value"] is not None
+            and r["probe"] != "fewshot"
+        ):
+            roc = r["params"]["roc"]
+            assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(r["value"], abs=1e-3)
+    counts = {
+        d: {r["n_test"] for r in rows if r["dataset"] == d and r["label"] == "mean"}
+        for d in ("nih", "pneumonia")
+    }
+    assert counts == {"nih": {24}, "pneumonia": {24}}
