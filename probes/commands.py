@@ -31,6 +31,9 @@ def probes() -> None:
 
     Example: probes knn --cache cache/ --out results.jsonl
     """
+    from featcache.progress import set_probe_progress
+
+    set_probe_progress(True)  # long steps show rows/s and ETA on stderr (silenced by --quiet)
 
 
 def _probe_data_options(fn):

@@ -337,9 +337,13 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
 
     def _path(self, Xs, T, grid):
         """Fits at every grid C: (W [G, L, D + 1] or [G, D + 1, K], n_iter [G, L|1], converged [G, L|1])."""
+        from featcache.progress import probe_progress
+
         fits, its, convs = [], [], []
         W = None
+        bar = probe_progress(len(grid), "logreg C grid", unit="C")
         for c in grid:
+            bar.update(1)
             if self.kind_ == "multinomial":
                 W, it, cv = fit_multinomial_lbfgs(
                     Xs[None], T[None], self.n_labels_, c, coef0=W, **self._opts()
@@ -352,6 +356,7 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
                 fits.append(W)
             its.append(it)
             convs.append(cv)
+        bar.close()
         return np.stack(fits), np.stack(its), np.stack(convs)
 
     def _choose(self, path, Xv, Tv, Y_val, grid, select) -> np.ndarray:

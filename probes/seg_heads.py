@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from featcache.errors import FeatcacheError
+from featcache.progress import probe_progress
 from featcache.store import FeatureSet
 
 from .seg_metrics import _over_structures, dice
@@ -294,7 +295,9 @@ class SegProbe(BaseEstimator):
             best, best_state, best_epoch, waited = (-math.inf, math.inf), None, 0, 0
             self.val_dice_ = []
             epoch = 0
+            bar = probe_progress(int(self.epochs), "seg training", unit="epochs")
             for epoch in range(1, int(self.epochs) + 1):
+                bar.update(1)
                 model.train()
                 for pos, block in src.blocks(rng):
                     for j in range(0, len(pos), self.batch_size):
@@ -317,6 +320,7 @@ class SegProbe(BaseEstimator):
                     waited += 1
                     if waited >= self.patience:
                         break
+            bar.close()  # early stopping leaves the loop before the last epoch
             if best_state is not None:
                 model.load_state_dict(best_state)
             else:
