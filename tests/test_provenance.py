@@ -52,6 +52,11 @@ def test_cls_rebuilt_from_the_recorded_preprocessing_is_bit_identical(tmp_path, 
     rec = fs.attrs["preprocessing"]
     pixels = torch.stack([_input_from_record(tmp_path / p, rec) for p in fs.paths])
     hf = load_backbone(model, seed=0).model  # the transformers module itself: weights only
-    with torch.inference_mode():
-        cls = hf(pixel_values=pixels).last_hidden_state[:, 0]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(fs.attrs["threads"]["intra"])  # the recorded threads: the same summation order
+    try:
+        with torch.inference_mode():
+            cls = hf(pixel_values=pixels).last_hidden_state[:, 0]
+    finally:
+        torch.set_num_threads(saved)
     np.testing.assert_array_equal(fs.read("cls"), cls.float().numpy())
