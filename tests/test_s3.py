@@ -100,8 +100,8 @@ def test_store_on_s3_equals_local_and_probes_agree(s3, tmp_path):
     assert r.exit_code == 0 and "t/rand/32" in r.output, r.output
     r = runner.invoke(featcache, ["verify", "s3://bucket/cache", *so])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(featcache, ["ls", "s3://bucket/cache"])  # no endpoint: not our server
-    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(featcache, ["ls", "s3://bucket/cache", "--storage-options", "[1]"])
+    assert r.exit_code != 0 and "must be a JSON object" in r.output
 
     rows = {}
     for name, cache, extra in (("local", str(local), []), ("s3", "s3://bucket/cache", so)):
@@ -115,15 +115,22 @@ def test_store_on_s3_equals_local_and_probes_agree(s3, tmp_path):
     assert any(x["metric"] == "auroc" for x in rows["s3"])
 
 
-def test_second_remote_writer_is_refused_in_one_line(s3, tmp_path):
-    manifest = _dataset(tmp_path, n=4)
-    options = s3["options"]
-    url = "s3://bucket/locked"
+@pytest.fixture(scope="module")
+def remote_set(s3, tmp_path_factory):
+    """A finished 4-row set at s3://bucket/locked and the arguments that extracted it."""
+    folder = tmp_path_factory.mktemp("locked")
+    args = _extract_args(_dataset(folder, n=4), "s3://bucket/locked", folder, s3["options"])
+    r = CliRunner().invoke(featcache, args)
+    assert r.exit_code == 0, r.output
+    fs = FeatureStore("s3://bucket/locked", mode="a", storage_options=s3["options"]).open_set("t/rand/32")
+    return fs, args
+
+
+def test_second_remote_writer_is_refused_in_one_line(remote_set):
+    fs, args = remote_set
     runner = CliRunner()
-    assert runner.invoke(featcache, _extract_args(manifest, url, tmp_path, options)).exit_code == 0
-    fs = FeatureStore(url, mode="a", storage_options=options).open_set("t/rand/32")
     with remote_extraction_lock(fs, 0, 1):
-        r = runner.invoke(featcache, _extract_args(manifest, url, tmp_path, options))
+        r = runner.invoke(featcache, args)
         assert r.exit_code != 0
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and "another extraction is writing feature set 't/rand/32'" in lines[0]
@@ -147,12 +154,8 @@ def test_second_remote_writer_is_refused_in_one_line(s3, tmp_path):
         pass
 
 
-def test_stale_remote_lock_is_reported_with_the_command_that_clears_it(s3, tmp_path):
-    manifest = _dataset(tmp_path, n=4)
-    options = s3["options"]
-    url = "s3://bucket/stale"
-    assert CliRunner().invoke(featcache, _extract_args(manifest, url, tmp_path, options)).exit_code == 0
-    fs = FeatureStore(url, mode="a", storage_options=options).open_set("t/rand/32")
+def test_stale_remote_lock_is_reported_with_the_command_that_clears_it(s3, remote_set):
+    fs, _ = remote_set
     lock = remote_lock_url(fs, "extract.lock")
     s3["fs"].pipe_file(
         lock[len("s3://") :], json.dumps({"owner": "h:1:x", "heartbeat": time.time() - 9999}).encode()
