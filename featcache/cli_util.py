@@ -7,6 +7,7 @@ only click and ``featcache.errors``: no torch, no probes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import click
@@ -25,6 +26,81 @@ def _one_line_errors(fn):
             raise click.ClickException(str(e).replace("\n", " ")) from None
 
     return wrapper
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    """The ``--storage-options`` JSON object as a dict (None when not given).
+
+    Raises:
+        click.BadParameter: not valid JSON, or not an object.
+    """
+    if text is None or not text.strip():
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(
+            f"not valid JSON ({e.msg} at character {e.pos}); pass an object such as "
+            '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'',
+            param_hint="--storage-options",
+        ) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            f"must be a JSON object, not {type(value).__name__}", param_hint="--storage-options"
+        )
+    return value
+
+
+def storage_options_option(fn):
+    """``--storage-options JSON``: fsspec options of the remote stores and image roots a command opens.
+
+    While the command runs, the options are the fsspec defaults of the protocols of its URL
+    arguments (``s3`` for ``--cache s3://...``), so every file system it opens (the store, image
+    roots, decode workers it forks) gets them; a command with a ``storage_options`` parameter
+    also receives the dict.
+    """
+    import inspect
+
+    wants = "storage_options" in inspect.signature(fn).parameters
+
+    @click.option(
+        "--storage-options",
+        "storage_options",
+        help="fsspec options of remote stores and image roots, as JSON, e.g. "
+        '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\' or \'{"anon": true}\'.',
+    )
+    @functools.wraps(fn)
+    def wrapper(*args, storage_options: str | None = None, **kwargs):
+        options = parse_storage_options(storage_options)
+        if wants:
+            kwargs["storage_options"] = options
+        if not options:
+            return fn(*args, **kwargs)
+        with fsspec_defaults(options, [v for v in (*args, *kwargs.values()) if isinstance(v, str)]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def fsspec_defaults(options: dict, values: list[str]):
+    """Make ``options`` the fsspec defaults of the protocols of the URLs among ``values``, then restore."""
+    import fsspec.config
+
+    protocols = sorted({v.split("://", 1)[0] for v in values if "://" in v and not v.startswith("file://")})
+    saved = {p: fsspec.config.conf.get(p) for p in protocols}
+    for p in protocols:
+        fsspec.config.conf[p] = {**(saved[p] or {}), **options}
+    try:
+        yield
+    finally:
+        for p, old in saved.items():
+            if old is None:
+                fsspec.config.conf.pop(p, None)
+            else:
+                fsspec.config.conf[p] = old
 
 
 def _echo_err(msg: str) -> None:

@@ -12,7 +12,14 @@ import sys
 
 import click
 
-from featcache.cli_util import _LABELS_HELP, _csv_list, _echo_err, _one_line_errors, _verbosity_options
+from featcache.cli_util import (
+    _LABELS_HELP,
+    _csv_list,
+    _echo_err,
+    _one_line_errors,
+    _verbosity_options,
+    storage_options_option,
+)
 from featcache.commands_data import DATA_COMMANDS
 from featcache.errors import ExtractionInterrupted
 
@@ -135,6 +142,7 @@ def _fmt_bytes(n: float | None) -> str:
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the weights.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_options_option
 @_one_line_errors
 def extract(**kw) -> None:
     """Embed every image of a manifest into a feature set (re-run to resume).
@@ -206,8 +214,9 @@ def _submit(cfg, spec: str, folder: str) -> None:
 
 @featcache.command(name="ls")
 @click.argument("cache")
+@storage_options_option
 @_one_line_errors
-def ls_cmd(cache: str) -> None:
+def ls_cmd(cache: str, storage_options: dict | None = None) -> None:
     """List the feature sets of a store: rows done/failed/pending and bytes per image.
 
     A set that cannot be read is listed with what is wrong instead of its counts.
@@ -217,7 +226,7 @@ def ls_cmd(cache: str) -> None:
     from featcache.errors import StoreError
     from featcache.store import FAILED, OK, PENDING, FeatureStore
 
-    store = FeatureStore(cache)
+    store = FeatureStore(cache, storage_options=storage_options)
     sets = store.list_sets()
     if not sets:
         click.echo(f"{cache}: no feature sets")
@@ -241,8 +250,9 @@ def ls_cmd(cache: str) -> None:
 @click.argument("cache")
 @click.argument("set_name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the attributes as JSON.")
+@storage_options_option
 @_one_line_errors
-def info(cache: str, set_name: str | None, as_json: bool) -> None:
+def info(cache: str, set_name: str | None, as_json: bool, storage_options: dict | None = None) -> None:
     """Show a feature set's provenance, arrays, bytes per image and failures.
 
     Example: featcache info cache/ nih/dinov3-vitb16/512
@@ -251,7 +261,7 @@ def info(cache: str, set_name: str | None, as_json: bool) -> None:
 
     from featcache.store import FeatureStore
 
-    fs = FeatureStore(cache).open_set(set_name)
+    fs = FeatureStore(cache, storage_options=storage_options).open_set(set_name)
     if as_json:
         click.echo(json.dumps(fs.attrs, indent=2, sort_keys=True, default=str))
         return
@@ -301,8 +311,9 @@ def info(cache: str, set_name: str | None, as_json: bool) -> None:
     is_flag=True,
     help="Mark the shards holding damage pending, so the next `featcache extract` redoes exactly them.",
 )
+@storage_options_option
 @_one_line_errors
-def verify(cache: str, set_name: str | None, repair: bool) -> None:
+def verify(cache: str, set_name: str | None, repair: bool, storage_options: dict | None = None) -> None:
     """Read every chunk of every feature set (or one) and check it; one line per problem, exit 1 on any.
 
     Checks checksums, chunks of rows marked done, status values, attributes against the
@@ -315,7 +326,7 @@ def verify(cache: str, set_name: str | None, repair: bool) -> None:
     from featcache.store import FeatureStore
     from featcache.store_check import verify_set
 
-    store = FeatureStore(cache, mode="a" if repair else "r")
+    store = FeatureStore(cache, mode="a" if repair else "r", storage_options=storage_options)
     names = [set_name] if set_name else store.list_sets()
     if not names:
         raise click.ClickException(f"{cache}: no feature sets to verify")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from featcache.cli_util import _LABELS_HELP, _csv_list, _echo_err, _one_line_errors
+from featcache.cli_util import _LABELS_HELP, _csv_list, _echo_err, _one_line_errors, storage_options_option
 
 
 @click.group()
@@ -266,6 +266,7 @@ def check(manifest_csv, root, no_check_files, labels) -> None:
 )
 @click.option("--out", required=True, help="File to write.")
 @click.option("--patch", is_flag=True, help="Also export the patch tokens (large).")
+@storage_options_option
 @_one_line_errors
 def export(cache, set_name, fmt, out, patch) -> None:
     """Export a feature set (features, ids, patients, splits, labels, provenance) to HDF5 or npz.
@@ -377,6 +378,7 @@ def volumes(manifest_csv, out, root, axis, window, every, frame) -> None:
 )
 @click.option("--root", type=click.Path(file_okay=False), help="Image root [default: the extraction's root].")
 @click.option("--cell", type=int, help="Pixels per image side [default: the resolution, 224..512].")
+@storage_options_option
 @_one_line_errors
 def pca(cache, set_name, ids, out, threshold, root, cell) -> None:
     """Picture of the images and their joint patch-token PCA (3 components as RGB), side by side.

@@ -46,6 +46,7 @@ import numpy as np
 
 from featcache.dicom import check_pixel_count
 from featcache.errors import FeatcacheError, ImageReadError
+from featcache.store_io import UrlPath, is_url
 
 if TYPE_CHECKING:
     import torch
@@ -113,9 +114,11 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
             ``frame``, or uses a DICOM transfer syntax no installed decoder handles (the message
             names the file and what to install or do).
     """
-    path = _check_file(path)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise ImageReadError(f"{path}: frame must be an integer index, got {frame!r}")
+    if is_url(path):
+        return _read_url(path if isinstance(path, UrlPath) else UrlPath(str(path)), frame)
+    path = _check_file(path)
     try:
         if is_dicom(path):
             from featcache.dicom import read_dicom
@@ -223,6 +226,42 @@ def check_header(path: str | Path) -> None:
         raise ImageReadError(f"{path}: cannot decode ({_one_line(e)})") from None
 
 
+def _read_url(url: UrlPath, frame: int | None) -> np.ndarray:
+    """Decode an image on an fsspec URL: its bytes are fetched whole, PIL decodes them from memory;
+    DICOM goes through a private temporary file (pydicom's deferred reads need a seekable file)."""
+    import io
+
+    try:
+        fs, where = url.fs()
+        data = fs.cat_file(where)
+    except FileNotFoundError:
+        raise ImageReadError(f"{url}: no such file; check the path and the manifest root") from None
+    except Exception as e:
+        raise ImageReadError(
+            f"{url}: cannot be read ({type(e).__name__}); check the URL and --storage-options"
+        ) from None
+    if not data:
+        raise ImageReadError(f"{url}: empty file (0 bytes); the copy or upload did not finish")
+    try:
+        if url.suffix.lower() in _DICOM_SUFFIXES or data[128:132] == b"DICM":
+            import tempfile
+
+            from featcache.dicom import read_dicom
+
+            with tempfile.TemporaryDirectory(prefix="featcache-dicom-") as tmp:
+                local = Path(tmp) / "image.dcm"
+                local.write_bytes(data)
+                try:
+                    return read_dicom(local, frame)
+                except ImageReadError as e:
+                    raise ImageReadError(str(e).replace(str(local), str(url))) from None
+        return _read_pil(io.BytesIO(data), frame, name=url)
+    except ImageReadError:
+        raise
+    except Exception as e:  # a decoder bug: one line with fixed words, never the decoder's text
+        raise ImageReadError(f"{url}: cannot decode ({_one_line(e)})") from None
+
+
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -263,11 +302,13 @@ def _frame_count_error(path: Path, n: int, frame: int | None) -> ImageReadError 
     return None
 
 
-def _read_pil(path: Path, frame: int | None) -> np.ndarray:
+def _read_pil(source: Path | Any, frame: int | None, name: str | None = None) -> np.ndarray:
+    """Decode with Pillow from a file or a file-like ``source``; messages name ``name`` (default: the file)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    path = name if name is not None else source
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             err = _frame_count_error(path, getattr(im, "n_frames", 1), frame)
             if err is not None:
                 raise err

@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import ManifestError
+from featcache.store_io import UrlPath, is_url, url_files
 
 RESERVED = ("path", "id", "patient_id", "split", "label", "mask")
 SPLITS = ("train", "val", "test", "")
@@ -133,6 +135,11 @@ def _rows_text(lines: list[int], ids: list[str] | None = None) -> str:
 
 def _inside(root: Path, rel: str) -> bool:
     """Whether ``rel`` names a place inside ``root`` as written (no absolute path, no ``..`` out)."""
+    if isinstance(root, UrlPath):
+        clean = posixpath.normpath(rel)
+        return not (
+            rel.startswith("/") or "://" in rel or "\\" in rel or clean == ".." or clean.startswith("../")
+        )
     if os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":"):
         return False
     target = os.path.normpath(os.path.join(str(root), rel))
@@ -154,6 +161,8 @@ def resolves_inside(root: Path, rel: str, _parents: dict[str, str] | None = None
     """
     if not _inside(root, rel):
         return False
+    if isinstance(root, UrlPath):  # object stores have no symbolic links
+        return True
     cache = {} if _parents is None else _parents
     real_root = cache.get("\0") or cache.setdefault("\0", os.path.realpath(root))
     parent, name = os.path.split(rel)
@@ -224,6 +233,19 @@ def _check_locations(
         )
     if not check_files or outside or linked:
         return bool(outside or linked)
+    if isinstance(root, UrlPath):
+        listed = url_files(root)
+        if listed is None:
+            problems.append(
+                f"cannot list {root} to check that the {kind} files exist; check the URL and "
+                "--storage-options, or pass --no-check-files"
+            )
+            return False
+        missing = [i for i, p in enumerate(values) if p and posixpath.normpath(p) not in listed]
+        if missing:
+            rows = _rows_text([int(line[i]) for i in missing], [values[i] for i in missing])
+            problems.append(f"rows {rows} name {kind} files that do not exist under {root}")
+        return False
     folders = [i for i, p in enumerate(values) if p and (root / p).is_dir()]
     skip = set(folders)
     missing = [i for i, p in enumerate(values) if p and i not in skip and not (root / p).is_file()]
@@ -242,13 +264,17 @@ def read_manifest(
     *,
     check_files: bool = True,
     labels: Sequence[str] | str | None = None,
+    storage_options: dict | None = None,
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
     Args:
         csv_path: the CSV file.
-        root: folder that ``path`` and ``mask`` are relative to (default: the CSV's folder).
+        root: folder that ``path`` and ``mask`` are relative to (default: the CSV's folder), or an
+            fsspec URL (``s3://bucket/images``): then images are read through fsspec, existence is
+            checked from one listing of the root, and paths still may not be absolute or leave it.
         check_files: check that every image (and mask) file exists.
+        storage_options: fsspec options of a URL root (credentials, endpoint); ignored otherwise.
         labels: the binary label columns (a list, or one comma-separated string); the other
             non-reserved columns are kept as metadata. None: inferred from the values (see the
             module docstring).
@@ -262,8 +288,11 @@ def read_manifest(
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ManifestError(f"{csv_path}: manifest not found; pass the CSV file with --data")
-    root = Path(root) if root is not None else csv_path.parent
-    if not root.is_dir():
+    if root is not None and is_url(root):
+        root = UrlPath(str(root), storage_options)
+    else:
+        root = Path(root) if root is not None else csv_path.parent
+    if not isinstance(root, UrlPath) and not root.is_dir():
         raise ManifestError(
             f"{root}: image root folder not found; pass the folder holding the images with --root"
         )
@@ -277,7 +306,12 @@ def read_manifest(
             f"{csv_path}: not a readable CSV file ({' '.join(str(e).split())[:200]}); save it as UTF-8 CSV"
         ) from None
     return parse_manifest(
-        header, records, root=root.resolve(), source=str(csv_path), check_files=check_files, labels=labels
+        header,
+        records,
+        root=root if isinstance(root, UrlPath) else root.resolve(),
+        source=str(csv_path),
+        check_files=check_files,
+        labels=labels,
     )
 
 

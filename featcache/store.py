@@ -69,13 +69,14 @@ def _local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url)
 
 
-def _open_root(url: str, mode: str) -> zarr.Group:
+def _open_root(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
     """The store's root group. Several workers starting together may all find no root and create it
     at once: the losers of that race (zarr raises as another process's zarr.json appears) open the
     winner's root instead."""
+    kw = {"storage_options": storage_options} if storage_options and not _is_local(url) else {}
     for attempt in range(5):
         try:
-            return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False)
+            return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False, **kw)
         except Exception:
             if mode != "a" or attempt == 4:
                 raise
@@ -89,6 +90,9 @@ class FeatureStore:
     Args:
         url: a local folder or any fsspec URL (``s3://bucket/cache``, ``file:///...``).
         mode: ``r`` to read (the store must exist) or ``a`` to read and write (created if absent).
+        storage_options: options of the fsspec file system of a URL store (credentials,
+            ``{"client_kwargs": {"endpoint_url": ...}}``, ``{"anon": True}``...); ignored for local
+            folders. Remote writers take lock objects beside the store (``featcache.locks``).
 
     Example:
         >>> store = FeatureStore("cache/")
@@ -96,11 +100,17 @@ class FeatureStore:
         >>> X = fs.read("cls", rows=np.flatnonzero(fs.ok))
     """
 
-    def __init__(self, url: str | os.PathLike, mode: str = "r"):
-        self.url = str(url)
+    def __init__(self, url: str | os.PathLike, mode: str = "r", storage_options: dict | None = None):
+        self.url = str(url).rstrip("/") if "://" in str(url) else str(url)
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' or 'a'")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise StoreError(
+                f"{self.url}: storage options must be a JSON object such as "
+                '{"anon": true}, not ' + type(storage_options).__name__
+            )
         self.mode = mode
+        self.storage_options = dict(storage_options or {})
         if mode == "r" and _is_local(self.url) and not (_local_path(self.url) / "zarr.json").is_file():
             raise StoreError(
                 f"{self.url}: no feature store here; run `featcache extract --out {self.url}` first"
@@ -108,7 +118,7 @@ class FeatureStore:
         try:
             with write_errors(f"{self.url}: opening the feature store"):
                 # featcache reads each node's own metadata: consolidated copies are for other readers
-                self.root = _open_root(self.url, mode)
+                self.root = _open_root(self.url, mode, self.storage_options)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: no feature store here; run `featcache extract` first") from None
         except StoreError:
@@ -383,9 +393,12 @@ class FeatureSet(ChunkReader, ShardWriter):
         return self._column("paths")
 
     @property
-    def root(self) -> Path:
-        """Folder the manifest's paths were relative to at extraction time."""
-        return Path(self.attrs.get("root", "."))
+    def root(self) -> Path | store_io.UrlPath:
+        """Folder (or ``UrlPath``, with the store's storage options) the manifest's paths were relative to."""
+        root = str(self.attrs.get("root", "."))
+        if store_io.is_url(root):
+            return store_io.UrlPath(root, self.store.storage_options)
+        return Path(root)
 
     @property
     def task(self) -> str:

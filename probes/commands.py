@@ -19,6 +19,7 @@ from featcache.cli_util import (
     _int_list,
     _one_line_errors,
     _verbosity_options,
+    storage_options_option,
 )
 from probes.commands_seg import seg
 
@@ -66,7 +67,7 @@ def _probe_data_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return storage_options_option(fn)
 
 
 def _bootstrap_options(fn, carve: bool = True):
@@ -409,6 +410,7 @@ def report(
 @click.option("--by", help=_BY_HELP)
 @click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
 @_bootstrap_options
+@storage_options_option
 @_one_line_errors
 def external(
     cache, train_set, test_set, test_cache, test_split, probe_name, features, labels, uncertain, k, method, C,

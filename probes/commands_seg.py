@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import click
 
-from featcache.cli_util import _csv_list, _echo_header, _echo_written, _fmt_ci, _one_line_errors
+from featcache.cli_util import (
+    _csv_list,
+    _echo_header,
+    _echo_written,
+    _fmt_ci,
+    _one_line_errors,
+    storage_options_option,
+)
 
 
 @click.command()
@@ -68,6 +75,7 @@ from featcache.cli_util import _csv_list, _echo_header, _echo_written, _fmt_ci, 
 @click.option("--root", type=click.Path(file_okay=False), help="Mask root [default: the extraction's root].")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write predicted test masks (PNG) here.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Append result rows to this JSONL file.")
+@storage_options_option
 @_one_line_errors
 def seg(
     cache, set_name, head, layers, protocol, stages, hidden, structures, epochs, batch_size, lr, seed, n_boot,
