@@ -144,7 +144,7 @@ def _fmt_bytes(n: float | None) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_options_option
 @_one_line_errors
-def extract(**kw) -> None:
+def extract(storage_options: dict | None = None, **kw) -> None:
     """Embed every image of a manifest into a feature set (re-run to resume).
 
     Exit code 0 when every row is done, 3 when some rows failed to decode
@@ -164,7 +164,7 @@ def extract(**kw) -> None:
             device=kw["device"], dtype=kw["dtype"], seed=kw["seed"], shard_rows=kw["shard_size"],
             num_shards=kw["num_shards"], shard_index=kw["shard_index"], on_error=kw["on_error"],
             retry_failed=kw["retry_failed"], compile=kw["compile_"], revision=kw["revision"],
-            labels=tuple(_csv_list(kw["labels"])) or None, threads=kw["threads"],
+            labels=tuple(_csv_list(kw["labels"])) or None, threads=kw["threads"], storage_options=storage_options,
         )  # fmt: skip
         if kw["slurm_spec"]:
             _submit(cfg, kw["slurm_spec"], kw["slurm_folder"])

@@ -60,8 +60,16 @@ def file_digest(path: str | os.PathLike) -> str:
     Raises:
         FeatcacheError: the file cannot be read (named).
     """
+    from featcache.store_io import is_url
+
     h = hashlib.blake2b(digest_size=16)
     try:
+        if is_url(path):  # object storage: read through fsspec in the same chunks
+            fs, p = _url_fs(path)
+            with fs.open(p, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+            return h.hexdigest()
         with open(path, "rb", buffering=0) as f:
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
@@ -72,6 +80,32 @@ def file_digest(path: str | os.PathLike) -> str:
             f"{path}: cannot be read for hashing ({type(e).__name__}); check the file"
         ) from None
     return h.hexdigest()
+
+
+def _stat(path, key: str) -> list:
+    """[size, version] of a file: mtime_ns locally; for a URL (fsspec) its size and ETag or mtime."""
+    from featcache.store_io import is_url
+
+    if not is_url(path):
+        st = os.stat(key)
+        return [st.st_size, st.st_mtime_ns]
+    fs, p = _url_fs(path)
+    info = fs.info(p)
+    return [
+        int(info.get("size") or 0),
+        str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""),
+    ]
+
+
+def _url_fs(path):
+    """(fsspec file system, path inside it) of a URL, with the options a ``UrlPath`` carries."""
+    if hasattr(path, "fs"):
+        got = path.fs()
+        if isinstance(got, tuple):
+            return got
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path))
 
 
 def _load_cache(path: Path | None) -> dict[str, list]:
@@ -116,18 +150,19 @@ def hash_files(
     Raises:
         FeatcacheError: a file cannot be read.
     """
-    keys = [os.path.abspath(p) for p in paths]
+    from featcache.store_io import is_url
+
+    keys = [str(p) if is_url(p) else os.path.abspath(p) for p in paths]
     cache_path = Path(cache) if cache is not None else None
     known = _load_cache(cache_path)
     stats, digests, todo = [], [""] * len(keys), []
     for i, k in enumerate(keys):
         try:
-            st = os.stat(k)
+            stats.append(_stat(paths[i], k))
         except OSError as e:
             raise FeatcacheError(
                 f"{k}: cannot be read for hashing ({type(e).__name__}); check the file"
             ) from None
-        stats.append([st.st_size, st.st_mtime_ns])
         entry = known.get(k)
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stats[-1]:
             digests[i] = entry[2]
@@ -136,7 +171,9 @@ def hash_files(
     if todo:
         n_workers = workers or min(8, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-            for i, d in zip(todo, pool.map(file_digest, [keys[i] for i in todo])):
+            for i, d in zip(
+                todo, pool.map(file_digest, [paths[i] if is_url(paths[i]) else keys[i] for i in todo])
+            ):
                 digests[i] = d
     if cache_path is not None and (todo or len(known) != len(keys)):
         _save_cache(cache_path, {k: [*s, d] for k, s, d in zip(keys, stats, digests)})

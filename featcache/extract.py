@@ -95,6 +95,7 @@ class ExtractConfig:
         retry_failed: re-process rows that failed in an earlier run.
         compile: ``torch.compile`` the model.
         revision: hub revision (branch, tag or commit) of the weights.
+        storage_options: fsspec options of a remote store and image root (e.g. an S3 endpoint).
         labels: the manifest's label columns (None: inferred: columns whose values are all
             1/0/-1/blank; the other columns are kept as metadata, said once).
     """
@@ -124,6 +125,7 @@ class ExtractConfig:
     revision: str | None = None
     labels: tuple[str, ...] | None = None
     threads: int | None = None
+    storage_options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -444,7 +446,9 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         raise FeatcacheError(f"--shard-size {cfg.shard_rows}: must be 1 or more")
     ws = _worker_slice(cfg)
     num_shards, shard_index = ws.world, ws.rank
-    manifest = read_manifest(cfg.data, cfg.root, labels=cfg.labels)  # validated before any model is loaded
+    manifest = read_manifest(
+        cfg.data, cfg.root, labels=cfg.labels, storage_options=cfg.storage_options
+    )  # validated before any model is loaded
     for note in manifest.notes:
         print(f"featcache extract: {note}", file=sys.stderr)
     # the same image in two splits leaks test into train: refused before any GPU work
@@ -511,7 +515,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     }
     if dtype == torch.bfloat16 and device.type == "cpu":
         attrs["cpu_bf16"] = cpu_bf16_support()[1]  # the instructions the bf16 matmuls ran on
-    store = FeatureStore(cfg.out, mode="a")
+    store = FeatureStore(cfg.out, mode="a", storage_options=cfg.storage_options)
     shard_rows, notes = cfg.shard_rows, []
     if shard_rows is None and num_shards > 1 and not store.has_set(name):
         shard_rows, note = balance_shard_rows(len(manifest), default_shard_rows(specs), num_shards)

@@ -505,5 +505,9 @@ def test_knn_bf16_search_gives_the_flat_search_numbers(store):
     bf16 = run_knn(store["cache"], k=(5, 10), n_boot=20, search="bf16")
     for a, b in zip(flat, bf16):
         assert (a["label"], a["metric"], a["k"]) == (b["label"], b["metric"], b["k"])
-        assert a["value"] == pytest.approx(b["value"], abs=1e-6) if a["value"] is not None else b["value"] is None
+        assert (
+            a["value"] == pytest.approx(b["value"], abs=1e-6)
+            if a["value"] is not None
+            else b["value"] is None
+        )
     assert bf16[0]["params"]["search"] == "bf16"

@@ -186,9 +186,6 @@ def test_images_on_s3_read_like_local_files_and_paths_stay_inside(s3, tmp_path):
     read_manifest(missing, root, check_files=False, storage_options=s3["options"])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="featcache.dedup.hash_files hashes local files only (os.stat/open on the URL)"
-)
 def test_extract_with_images_on_s3_equals_local_images(s3, tmp_path):
     manifest = _dataset(tmp_path, n=4)
     root = _upload(s3, tmp_path, "bucket/images2")
