@@ -37,6 +37,39 @@ def probes() -> None:
     set_probe_progress(True)  # long steps show rows/s and ETA on stderr (silenced by --quiet)
 
 
+def _bytes(text: str | None) -> int | None:
+    """``8GiB``, ``500MB``, ``1e9`` -> bytes (None stays None)."""
+    if not text:
+        return None
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "b": 1,
+    }
+    t = text.strip().lower()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            t, scale = t[: -len(u)], units[u]
+            break
+    else:
+        scale = 1
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use a size such as 8GiB or 500MB", param_hint="--memory-cap"
+        ) from None
+    if value <= 0:
+        raise click.BadParameter(f"{text!r}: must be positive", param_hint="--memory-cap")
+    return int(value)
+
+
 def _probe_data_options(fn):
     """Options every probe shares: which store, set, features, labels and what to do with the rows."""
     options = [
@@ -130,14 +163,16 @@ def _echo_by(rows: list[dict], by: str | None) -> None:
     "--search",
     default="flat",
     show_default=True,
-    type=click.Choice(["flat", "bf16"]),
-    help="flat: exact FAISS float32; bf16: bf16 candidates + exact float32 re-rank (same neighbours).",
+    type=click.Choice(["flat", "stream", "bf16"]),
+    help="flat: exact FAISS float32; stream: the same, train rows streamed from the store (sets larger than "
+    "memory); bf16: bf16 candidates + exact float32 re-rank (same neighbours).",
 )
+@click.option("--memory-cap", help="--search stream: memory the search may use, e.g. 8GiB or 500MB.")
 @click.option("--by", help=_BY_HELP)
 @_no_carve_options
 @_one_line_errors
 def knn(
-    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, search,
+    cache, set_name, features, labels, uncertain, aggregate, allow_partial, out, k, temperature, method, s, search, memory_cap,
     by, n_boot, seed,
 ) -> None:  # fmt: skip
     """kNN probe (dinov2 knn.py by default, or ML-kNN): AUROC per label and mean, with patient CIs.
@@ -148,7 +183,7 @@ def knn(
 
     rows = run_knn(
         cache, set_name, features=features, k=_int_list(k, "--k"), temperature=temperature, method=method, s=s,
-        search=search, labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
+        search=search, memory_cap=_bytes(memory_cap), labels=_csv_list(labels) or None, uncertain=uncertain, n_boot=n_boot, seed=seed,
         out=out, aggregate=aggregate, allow_partial=allow_partial, by=by,
     )  # fmt: skip
     _echo_header(rows, "mlknn" if method == "mlknn" else f"knn vote={method}")

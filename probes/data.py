@@ -245,6 +245,7 @@ def load_probe_data(
     aggregate: str | None = None,
     allow_partial: bool = False,
     require_test: bool = True,
+    test_features_only: bool = False,
 ) -> ProbeData:
     """Load one feature set's features and targets, split into train / val / test.
 
@@ -259,6 +260,8 @@ def load_probe_data(
         seed: seed of that carving.
         aggregate: ``mean`` or ``max`` to pool slice features per volume (the ``meta_volume`` column
             written by ``featcache volumes``): each volume becomes one sample; None keeps rows as they are.
+        test_features_only: read only the test rows' features (train and val get [n, 0] arrays): for
+            a search that streams the fitted rows from the store.
         require_test: refuse a set without test rows (False: a set that only trains a probe scored
             elsewhere, as in external validation).
         allow_partial: probe a set whose extraction has not finished (pending rows are left out,
@@ -296,14 +299,16 @@ def load_probe_data(
         to_val = carve_val(fs.patient_ids[keep["train"]], val_fraction, seed)
         keep["val"], keep["train"] = keep["train"][to_val], keep["train"][~to_val]
         context.update(val_carved=True, val_fraction=float(val_fraction), split_seed=int(seed))
-    every = np.sort(np.concatenate([keep[s] for s in SPLITS]))
+    # test_features_only: train and val features stay in the store (a search streams them)
+    every = np.sort(keep["test"] if test_features_only else np.concatenate([keep[s] for s in SPLITS]))
     X_all = _read_features(fs, parts, every)
     pos = np.searchsorted(every, np.arange(fs.n))  # row index -> position in X_all (for kept rows)
     ids, patients = fs.ids, fs.patient_ids
 
-    def make(rows: np.ndarray) -> Split:
+    def make(rows: np.ndarray, features: bool = True) -> Split:
         rows = rows.astype(np.int64)
-        return Split(X_all[pos[rows]], Y[rows], patients[rows], ids[rows], rows)
+        X = X_all[pos[rows]] if features else np.zeros((len(rows), 0), np.float32)
+        return Split(X, Y[rows], patients[rows], ids[rows], rows)
 
     attrs = fs.attrs
     config = attrs.get("config", {})
@@ -333,8 +338,8 @@ def load_probe_data(
     data = ProbeData(
         task=fs.task,
         label_names=chosen,
-        train=make(keep["train"]),
-        val=make(keep["val"]),
+        train=make(keep["train"], not test_features_only),
+        val=make(keep["val"], not test_features_only),
         test=make(keep["test"]),
         context=context,
     )

@@ -222,6 +222,8 @@ def knn_scores(
     search: str = "flat",
     seed: int = 0,
     thresholds: bool = True,
+    source: Any = None,
+    memory_cap: int | None = None,
 ) -> dict[int, Scored]:
     """kNN scores of the test rows for every k from one search over train + val.
 
@@ -237,7 +239,12 @@ def knn_scores(
         temperature: softmax temperature (``dinov2``, ``renormalized``).
         method: one of ``KNN_METHODS``.
         s: ML-kNN's Laplace smoothing.
-        search: ``flat`` (exact FAISS float32) or ``bf16`` (a bf16 candidate search with a proven
+        source: ``search="stream"``: the fitted rows' features as a block source
+            (:class:`probes.knn_search.StoreBlocks` over the train + val rows, in row order).
+        memory_cap: ``search="stream"``: bytes the search may hold at once.
+        search: ``flat`` (exact FAISS float32), ``stream`` (the same exact search with the fitted
+            rows streamed from the store shard by shard, bounded memory; no out-of-fold thresholds)
+            or ``bf16`` (a bf16 candidate search with a proven
             margin, then an exact float32 re-rank of the candidates: the same neighbours; needs torch).
         seed: seed of the out-of-fold folds.
         thresholds: also compute out-of-fold scores for the Youden threshold.
@@ -259,8 +266,12 @@ def knn_scores(
     fit_rows = "train+val" if len(data.val) else "train"
     fitted, extra = learnable(pool.train.y, task, L)
     fill = _prevalence(pool.train.y) if task == "multilabel" else 0.0
-    if search not in ("flat", "bf16"):
-        raise FeatcacheError(f"unknown kNN search {search!r}: use flat or bf16")
+    if search not in ("flat", "bf16", "stream"):
+        raise FeatcacheError(f"unknown kNN search {search!r}: use flat, bf16 or stream")
+    if search == "stream":
+        return _knn_streamed(
+            data, ks, temperature=temperature, method=method, source=source, memory_cap=memory_cap
+        )
     kw = {"temperature": temperature, "s": s, "search": search}
     raw = _knn_raw(pool.train, data.test.X, ks, task, method, **kw)
 
@@ -282,6 +293,32 @@ def knn_scores(
             S, pool.train.y if thresholds else None, None if oof is None else oof[k],
             f"oof{N_FOLDS}" if thresholds else None, fitted, ex, len(pool.train), fit_rows,
         )  # fmt: skip
+    return out
+
+
+def _knn_streamed(data: ProbeData, ks, *, temperature, method, source, memory_cap) -> dict[int, Scored]:
+    """Exact kNN with the fitted rows streamed from the store (``probes.knn_search``), test in memory."""
+    from .knn_search import ScalableKNNProbe
+
+    if method == "mlknn" or source is None:
+        raise FeatcacheError(
+            "--search stream needs the dinov2 or renormalized vote and features read from the store"
+        )
+    pool = merge_train_val(data)
+    L, task = len(data.label_names), data.task
+    order = np.argsort(pool.train.rows, kind="stable")  # the stream yields rows in store order
+    y = pool.train.y[order]
+    fitted, extra = learnable(y, task, L)
+    probe = ScalableKNNProbe(
+        k=list(ks), task=task, temperature=temperature, vote=method, search="stream", memory_cap=memory_cap
+    )
+    raw = probe.fit(source, y).scores_for_ks(data.test.X, list(ks))
+    fill = _prevalence(y) if task == "multilabel" else 0.0
+    fit_rows = "train+val" if len(data.val) else "train"
+    out = {}
+    for k in ks:
+        S, _ = _fill_undefined(raw[k], fill, L)
+        out[k] = Scored(S, None, None, None, fitted, [dict(e) for e in extra], len(y), fit_rows)
     return out
 
 

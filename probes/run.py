@@ -24,6 +24,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .compare import run_compare
+from .data import load_probe_data
 from .episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
 from .evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
 from .fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
@@ -60,6 +61,7 @@ def run_knn(
     method: str = "dinov2",
     s: float = 1.0,
     search: str = "flat",
+    memory_cap: int | None = None,
     labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
     aggregate: str | None = None,
@@ -85,8 +87,12 @@ def run_knn(
             the sum of the first k weighted votes), ``renormalized`` (the softmax over each k's own
             neighbours) or ``mlknn`` (ML-kNN, multi-label; rows say ``probe = "mlknn"``).
         s: ML-kNN's Laplace smoothing.
-        search: ``flat`` (exact FAISS float32) or ``bf16`` (bf16 candidates + exact re-rank: the
-            same neighbours, faster where the CPU has bf16 matmul; needs torch).
+        search: ``flat`` (exact FAISS float32), ``stream`` (the same exact search, the train + val
+            features streamed from the store shard by shard within ``memory_cap`` bytes: sets larger
+            than memory; Youden thresholds then have no held-out scores) or ``bf16`` (bf16
+            candidates + exact re-rank: the same neighbours, faster where the CPU has bf16 matmul;
+            needs torch).
+        memory_cap: ``search="stream"``: bytes the search may hold at once (None: a default).
         labels: label columns / class names to probe (None: all).
         uncertain: uncertain-label policy: ``ignore``, ``zeros`` or ``ones``.
         aggregate: ``mean``/``max`` pools slice features per volume first (one sample per volume).
@@ -100,20 +106,46 @@ def run_knn(
     Returns:
         The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
     """
-    data = _load(cache, set_name, features, labels, uncertain, 0.0, seed, aggregate, allow_partial)
+    streamed = search == "stream"
+    if streamed and (aggregate or "+" in str(features) or ":" in str(features)):
+        raise FeatcacheError(
+            "--search stream reads one stored array (cls, pooled ...): no --aggregate, no '+' or ':'"
+        )
+    data = load_probe_data(
+        cache, set_name, features=features, labels=labels, uncertain=uncertain, seed=seed, aggregate=aggregate,
+        allow_partial=allow_partial, test_features_only=streamed,
+    )  # fmt: skip
     run = _context(data, "knn")
+    source = None
+    if streamed:
+        from .knn_search import StoreBlocks
+
+        rows = np.concatenate([data.train.rows, data.val.rows])
+        source = StoreBlocks(data.context["store"], data.context["store_set"], str(features), rows=rows)
     asked = sorted({int(v) for v in ([k] if np.isscalar(k) else k)})
     if not asked or asked[0] < 1:
         raise FeatcacheError(f"k must be positive integers; got {k!r}")
     n_index = len(data.train) + len(data.val)
     ks = sorted({min(v, n_index) for v in asked})  # k above the indexed rows is that size, said once
-    scored = knn_scores(data, ks, temperature=temperature, method=method, s=s, search=search, seed=seed)
+    scored = knn_scores(
+        data,
+        ks,
+        temperature=temperature,
+        method=method,
+        s=s,
+        search=search,
+        seed=seed,
+        source=source,
+        memory_cap=memory_cap,
+    )
     if method == "mlknn":
         run = _context(data, "mlknn")
         params = {**run["params"], "s": float(s), "exclude_self": True}
     else:
         params = {**run["params"], "temperature": float(temperature), "vote": method, "softmax_k": max(ks)}
     params["search"] = search
+    if streamed and memory_cap:
+        params["memory_cap"] = int(memory_cap)
     if ks != asked:
         params["k_requested"] = asked
     entries = []

@@ -511,3 +511,15 @@ def test_knn_bf16_search_gives_the_flat_search_numbers(store):
             else b["value"] is None
         )
     assert bf16[0]["params"]["search"] == "bf16"
+
+
+def test_knn_streamed_from_the_store_gives_the_in_memory_numbers(store):
+    """--search stream: train + val features read shard by shard from the store, never all at once."""
+    flat = run_knn(store["cache"], k=(5, 10), n_boot=20)
+    streamed = run_knn(store["cache"], k=(5, 10), n_boot=20, search="stream", memory_cap=32 << 20)
+    auc = lambda rows: {(r["k"], r["label"]): r["value"] for r in rows if r["metric"] == "auroc"}  # noqa: E731
+    a, b = auc(flat), auc(streamed)
+    assert a.keys() == b.keys() and all(a[key] == pytest.approx(b[key], abs=1e-9) for key in a)
+    r = _pick(streamed, k=10, label="mean", metric="auroc")
+    assert r["params"]["search"] == "stream" and r["params"]["threshold_from"] is None
+    assert _pick(streamed, k=10, label=LABELS[0], metric="sensitivity@youden")["params"]["skipped"]
