@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -345,3 +346,39 @@ def test_study_on_the_real_chest_xray_sets(shared_data, tmp_path):
         for d in ("nih", "pneumonia")
     }
     assert counts == {"nih": {24}, "pneumonia": {24}}
+
+
+def test_study_sigkilled_mid_run_resumes_without_redoing_finished_steps(data, tmp_path):
+    """A real kill (SIGKILL of the `featcache study run` process) once some steps have written rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _plan(data, out="sigkilled", backbones=BACKBONES[:1], resolutions=(16,))
+    plan = load_plan(path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [
+        sys.executable,
+        "-c",
+        "from cli import featcache; featcache()",
+        "study",
+        "run",
+        str(path),
+        "--no-report",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if plan.results.is_file() and len(done_steps(plan.results)) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the study finished before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = done_steps(plan.results)
+    assert 2 <= len(before) < 6
+    resumed = run_study(plan, report=False)
+    assert resumed.skipped == len(before) and resumed.ran == resumed.steps - len(before)
+    assert len(done_steps(plan.results)) == resumed.steps  # every step once
