@@ -444,6 +444,13 @@ class FeatureSet(ChunkReader, ShardWriter):
             raise StoreError(f"{self.name}: no metadata column '{name}'; have {self.meta_names()}")
         return self._column(f"meta/{name}")
 
+    @property
+    def record(self):
+        """How the set was made (:class:`featcache.provenance.SetRecord`), read from its attributes."""
+        from featcache.provenance import SetRecord
+
+        return SetRecord.from_attrs(self.attrs)
+
     def manifest_digest(self) -> str:
         """Recompute the manifest digest from the stored columns (compare with ``attrs['manifest_digest']``)."""
         m = Manifest(

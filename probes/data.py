@@ -116,7 +116,7 @@ def _feature_parts(fs: FeatureSet, features: str) -> list[tuple[str, int | None,
                 raise FeatcacheError(f"features {p!r}: array {name} is not one vector per image")
             out.append((name, None, name))
             continue
-        layers = [int(v) for v in fs.attrs.get("layers", [])]
+        layers = list(fs.record.layers)
         n_stored = fs.shape(name)[1]
         if m.group(2) is None:
             out.append((name, None, name))
@@ -310,22 +310,21 @@ def load_probe_data(
         X = X_all[pos[rows]] if features else np.zeros((len(rows), 0), np.float32)
         return Split(X, Y[rows], patients[rows], ids[rows], rows)
 
-    attrs = fs.attrs
-    config = attrs.get("config", {})
+    rec = fs.record
     layer_parts = [label for name, _, label in parts if name.startswith("layer_")]
     context.update(
         dataset=fs.name.split("/")[0],
-        model=attrs.get("model", config.get("model")),
-        res=attrs.get("res", config.get("res")),
+        model=rec.model,
+        res=rec.res,
         features=str(features),
         layer=int(layer_parts[0].split(":")[1]) if len(layer_parts) == 1 and ":" in layer_parts[0] else None,
         store=store.url,
         store_set=fs.name,
         uncertain=str(uncertain),
-        weights=config.get("weights", attrs.get("provenance", {}).get("weights")),
-        preprocessing=attrs.get("preprocessing", config.get("preprocessing")),
-        manifest_digest=attrs.get("manifest_digest"),
-        featcache_version=attrs.get("versions", {}).get("featcache"),
+        weights=rec.weights,
+        preprocessing=rec.preprocessing,
+        manifest_digest=rec.manifest_digest,
+        featcache_version=rec.featcache_version,
     )
     if fs.task == "multiclass":  # a class never seen in train would be scored by nothing
         seen = np.bincount(Y[keep["train"]], minlength=len(chosen))

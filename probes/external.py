@@ -59,14 +59,7 @@ TEST_SPLITS = ("test", "all")
 
 
 def _provenance(fs: FeatureSet) -> dict[str, Any]:
-    a = fs.attrs
-    config = a.get("config", {})
-    return {
-        "model": a.get("model", config.get("model")),
-        "weights": (a.get("provenance") or {}).get("weights", config.get("weights")),
-        "resolution": a.get("res", config.get("res")),
-        "preprocessing": a.get("preprocessing", config.get("preprocessing")),
-    }
+    return fs.record.backbone()
 
 
 def _check_same_backbone(fa: FeatureSet, fb: FeatureSet, features: str) -> None:

@@ -153,17 +153,16 @@ class _Masks:
 
 
 def _seg_context(fs: FeatureSet, features: str) -> dict[str, Any]:
-    attrs = fs.attrs
-    config = attrs.get("config", {})
+    rec = fs.record
     context = {
         "dataset": fs.name.split("/")[0],
-        "model": attrs.get("model", config.get("model")),
-        "res": attrs.get("res", config.get("res")),
+        "model": rec.model,
+        "res": rec.res,
         "features": features,
         "store_set": fs.name,
-        "weights": config.get("weights", attrs.get("provenance", {}).get("weights")),
-        "preprocessing": attrs.get("preprocessing", config.get("preprocessing")),
-        "manifest_digest": attrs.get("manifest_digest"),
+        "weights": rec.weights,
+        "preprocessing": rec.preprocessing,
+        "manifest_digest": rec.manifest_digest,
     }
     return {k: v for k, v in context.items() if v is not None}
 
@@ -346,7 +345,7 @@ def run_seg(
         choice = LayerChoice(features, None, ("last",), features)
     else:
         choice = resolve_layers(fs, layers)
-    pre_cfg = fs.attrs.get("preprocessing")
+    pre_cfg = fs.record.preprocessing
     if not pre_cfg:
         raise StoreError(f"{fs.name}: no preprocessing recorded; masks cannot be aligned with the patch grid")
     pre = Preprocess.from_dict(pre_cfg)

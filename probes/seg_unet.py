@@ -90,7 +90,7 @@ def resolve_layers(fs: FeatureSet, layers: str | Sequence[int] | None = None) ->
             "or use --layers last"
         )
     n_stored = fs.shape("layer_patch")[1]
-    stored = [int(v) for v in fs.attrs.get("layers", [])]
+    stored = list(fs.record.layers)
     if len(stored) != n_stored:
         raise StoreError(
             f"{fs.name}: attrs['layers'] lists {len(stored)} layers but layer_patch holds {n_stored}; "
