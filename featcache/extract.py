@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
-import queue
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache import __version__
 from featcache.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
-from featcache.extract_device import BatchRunner, MicroBatch, Pending, array_specs, forward
-from featcache.images import Preprocess, read_image
+from featcache.extract_device import (
+    BatchRunner,
+    MicroBatch,
+    Pending,
+    array_specs,
+    device_name,
+    forward,
+    resolve_device,
+    resolve_dtype,
+    versions,
+)
+from featcache.extract_io import Images, ShardWriter, collate
+from featcache.images import Preprocess
 from featcache.launch import (
     WorkerSlice,
     balance_shard_rows,
@@ -48,8 +55,8 @@ from featcache.launch import (
     set_threads,
 )
 from featcache.locks import close_inherited_locks
-from featcache.manifest import Manifest, read_manifest
-from featcache.store import ArraySpec, FeatureSet, FeatureStore, default_shard_rows, extraction_lock
+from featcache.manifest import read_manifest
+from featcache.store import FeatureStore, default_shard_rows, extraction_lock
 
 TOKENS = ("cls", "pooled", "registers", "patch")
 
@@ -197,162 +204,13 @@ def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> 
     return f"{Path(manifest_path).stem}/{model_part}/{res}"
 
 
-def _resolve_device(device: str) -> torch.device:
-    """The compute device; under torchrun (LOCAL_RANK set) ``auto``/``cuda`` mean this rank's own GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FeatcacheError(
-                f"--device {device}: CUDA is not available on this machine; use --device cpu"
-            )
-        if dev.index is None and "LOCAL_RANK" in os.environ:  # modulo: launchers that show one GPU per rank
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        if dev.index is not None:
-            if dev.index >= torch.cuda.device_count():
-                raise FeatcacheError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s)")
-            torch.cuda.set_device(dev)
-    return dev
-
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``auto`` is bf16 (fp16 without bf16) on CUDA and float32 on CPU, never bf16.
-
-    Raises:
-        FeatcacheError: an unknown name; bf16 on a GPU or CPU without bf16 support; fp16 on CPU.
-    """
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise FeatcacheError(f"--dtype {dtype}: choose one of auto, float32, bfloat16 (bf16), float16")
-    want = _DTYPES[dtype]
-    if want == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FeatcacheError("--dtype bfloat16: this GPU has no bfloat16 support; use float16 or auto")
-    if want == torch.bfloat16 and device.type == "cpu":
-        ok, detail = cpu_bf16_support()
-        if not ok:
-            raise FeatcacheError(
-                f"--dtype bf16 on CPU needs bf16 matmul instructions ({detail}); use --dtype float32"
-            )
-    if want == torch.float16 and device.type == "cpu":
-        raise FeatcacheError("--dtype float16 on CPU is slow and lossy; use float32, or bf16 where supported")
-    return want
-
-
 def _worker_slice(cfg: ExtractConfig) -> WorkerSlice:
     """This worker's slice of the shards (options, then torchrun, then SLURM; see ``featcache.launch``)."""
     return resolve_slice(cfg.num_shards, cfg.shard_index)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decodes and preprocesses manifest rows; a failure is returned, not raised."""
-
-    def __init__(self, manifest: Manifest, preprocess: Preprocess):
-        self.manifest = manifest
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int):
-        path = self.manifest.abspath(i)
-        try:
-            return i, self.preprocess(read_image(path)), ""
-        except ImageReadError as e:
-            return i, None, str(e)
-        except Exception as e:  # any decoder bug must not kill the run; it is recorded per row
-            # the exception's text could quote header values (patient data): only its type is kept
-            return i, None, f"{path}: cannot decode ({type(e).__name__})"
-
-
-def _collate(items):
-    idx = [i for i, x, _ in items if x is not None]
-    pixels = torch.stack([x for _, x, _ in items if x is not None]) if idx else None
-    errors = {i: err for i, x, err in items if x is None}
-    return idx, pixels, errors
-
-
-class _Writer(threading.Thread):
-    """Buffers rows by shard and commits each shard whole once every row of it is in."""
-
-    def __init__(self, fs: FeatureSet, specs: dict[str, ArraySpec]):
-        super().__init__(daemon=True, name="featcache-writer")
-        self.fs, self.specs = fs, specs
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.buffers: dict[int, dict[str, Any]] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self._add(*item)
-            except BaseException as e:  # surfaced to the main thread
-                self.error = e
-
-    def _buffer(self, shard: int) -> dict[str, Any]:
-        if shard not in self.buffers:
-            lo, hi = self.fs.shard_range(shard)
-            self.buffers[shard] = {
-                "data": {k: np.zeros((hi - lo, *s.shape), s.dtype) for k, s in self.specs.items()},
-                "filled": np.zeros(hi - lo, bool),
-                "failed": {},
-                "lo": lo,
-            }
-        return self.buffers[shard]
-
-    def _add(self, idx: list[int], outputs: dict[str, np.ndarray], errors: dict[int, str]) -> None:
-        rows = sorted(set(idx) | set(errors))
-        shard = rows[0] // self.fs.shard_rows
-        buf = self._buffer(shard)
-        lo = buf["lo"]
-        if idx:
-            pos = np.asarray(idx) - lo
-            for k, v in outputs.items():
-                buf["data"][k][pos] = v
-            buf["filled"][pos] = True
-        for i, reason in errors.items():
-            buf["failed"][i] = reason
-            buf["filled"][i - lo] = True
-        if buf["filled"].all():
-            self.fs.write_shard(shard, buf["data"], buf["failed"])
-            del self.buffers[shard]
-
-    def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
+# decoding rows and committing shards live in featcache.extract_io; these names stay importable here
+_Images, _collate, _Writer = Images, collate, ShardWriter
 
 
 # the per-batch data path lives in featcache.extract_device; these names stay importable from here
@@ -366,24 +224,13 @@ def _to_numpy(pending: Pending) -> dict[str, np.ndarray]:
     return pending.numpy()
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-    import zarr
-
-    return {
-        "featcache": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+# the device, dtype and environment of a run are resolved in featcache.extract_device
+_resolve_device, _resolve_dtype, _versions, _device_name = (
+    resolve_device,
+    resolve_dtype,
+    versions,
+    device_name,
+)
 
 
 def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:

@@ -15,13 +15,17 @@ and stated once.
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from featcache import __version__
 from featcache.errors import FeatcacheError
+from featcache.launch import cpu_bf16_support
 from featcache.store import ArraySpec
 
 __all__ = ["GROW_AFTER", "BatchRunner", "MicroBatch", "Pending", "array_specs", "forward", "to_host"]
@@ -278,3 +282,84 @@ class BatchRunner:
             for k, v in arrays.items():
                 host[k][j : j + len(v)].copy_(v, non_blocking=True)
                 v.record_stream(self.copy_stream)  # not reused by the allocator before the copy is done
+
+
+# ---- the device, dtype and environment of a run ----
+
+
+def resolve_device(device: str) -> torch.device:
+    """The compute device; under torchrun (LOCAL_RANK set) ``auto``/``cuda`` mean this rank's own GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FeatcacheError(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            )
+        if dev.index is None and "LOCAL_RANK" in os.environ:  # modulo: launchers that show one GPU per rank
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        if dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise FeatcacheError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s)")
+            torch.cuda.set_device(dev)
+    return dev
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``auto`` is bf16 (fp16 without bf16) on CUDA and float32 on CPU, never bf16.
+
+    Raises:
+        FeatcacheError: an unknown name; bf16 on a GPU or CPU without bf16 support; fp16 on CPU.
+    """
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise FeatcacheError(f"--dtype {dtype}: choose one of auto, float32, bfloat16 (bf16), float16")
+    want = _DTYPES[dtype]
+    if want == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FeatcacheError("--dtype bfloat16: this GPU has no bfloat16 support; use float16 or auto")
+    if want == torch.bfloat16 and device.type == "cpu":
+        ok, detail = cpu_bf16_support()
+        if not ok:
+            raise FeatcacheError(
+                f"--dtype bf16 on CPU needs bf16 matmul instructions ({detail}); use --dtype float32"
+            )
+    if want == torch.float16 and device.type == "cpu":
+        raise FeatcacheError("--dtype float16 on CPU is slow and lossy; use float32, or bf16 where supported")
+    return want
+
+
+def versions() -> dict[str, str]:
+    import transformers
+    import zarr
+
+    return {
+        "featcache": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
