@@ -74,7 +74,7 @@ def study_run(plan_toml: str, no_extract: bool, no_report: bool) -> None:
 
     Example: featcache study run plan.toml
     """
-    from featcache.study import StudyError, load_plan
+    from featcache.study.plan import StudyError, load_plan
     from probes.study_run import run_study
 
     plan = load_plan(plan_toml)
@@ -111,7 +111,8 @@ def study_plan(plan_toml: str, dry_run: bool, tflops: float, mfu: float) -> None
 
     Example: featcache study plan plan.toml --dry-run
     """
-    from featcache.study import load_plan, plan_steps, render_plan
+    from featcache.study.cost import render_plan
+    from featcache.study.plan import load_plan, plan_steps
     from probes.study_run import complete_sets, done_steps
 
     plan = load_plan(plan_toml)

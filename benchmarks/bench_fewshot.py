@@ -63,8 +63,8 @@ def make_data(n_train: int, n_test: int, d: int, n_labels: int, seed: int = 0):
 
 def write_store(root: Path, X, Y, pids, n_train: int) -> tuple[Path, str]:
     """A feature store with one set (``bench/synthetic/224``) holding X, labels Y; returns (cache, set)."""
-    from featcache.manifest import read_manifest, write_manifest
-    from featcache.store import ArraySpec, FeatureStore
+    from featcache.store.feature_store import ArraySpec, FeatureStore
+    from featcache.store.manifest import read_manifest, write_manifest
 
     n = len(X)
     split = np.array(["train"] * n_train + ["test"] * (n - n_train))

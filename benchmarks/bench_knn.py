@@ -70,8 +70,8 @@ def _same_sets(a: np.ndarray, b: np.ndarray) -> float:
 
 def _write_store(path: Path, n: int, d: int, seed: int = 0):
     """n clustered rows x d float32 in a feature store, written shard by shard (never all in RAM)."""
-    from featcache.manifest import Manifest
-    from featcache.store import ArraySpec, FeatureStore
+    from featcache.store.feature_store import ArraySpec, FeatureStore
+    from featcache.store.manifest import Manifest
 
     names = np.char.add("r", np.arange(n).astype(str))
     m = Manifest("bench", path, names, names, names, np.full(n, "train"))

@@ -70,7 +70,7 @@ class _OnTheFly:
     def blocks(self, rng=None):
         import torch
 
-        from featcache.images import read_image
+        from featcache.decode.images import read_image
 
         order = np.arange(len(self.rows)) if rng is None else rng.permutation(len(self.rows))
         for j in range(0, len(order), self.batch):
@@ -90,7 +90,7 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     import probes.seg as seg
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     # one-time imports both sides pay (the deterministic mode pulls in torch's compiler modules, ~1 s, ~70 MB)
     torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
@@ -116,8 +116,8 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
         dice = next(r["value"] for r in rows if r["label"] == "mean" and r["metric"] == "dice")
         embedded = 0
     else:
-        from featcache.images import Preprocess
         from featcache.models import load_backbone
+        from featcache.store.preprocess import Preprocess
 
         pre = Preprocess.from_dict(fs.attrs["preprocessing"])
         backbone = load_backbone(MODEL, seed=0, device=torch.device("cpu"), dtype=torch.float32).eval()
@@ -151,7 +151,7 @@ def run_head(spec: str, cache: str, epochs: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     import probes.seg as seg
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
     head, _, layers = spec.partition("@")
@@ -176,8 +176,8 @@ def run_head(spec: str, cache: str, epochs: int, threads: int) -> dict:
 
 def _layered_copy(cache: Path, n_layers: int = 4) -> None:
     """A second set of the cache whose ``layer_patch`` holds the last layer's tokens ``n_layers`` times."""
-    from featcache.manifest import Manifest
-    from featcache.store import ArraySpec, FeatureStore
+    from featcache.store.feature_store import ArraySpec, FeatureStore
+    from featcache.store.manifest import Manifest
 
     store = FeatureStore(cache, mode="a")
     fs = store.open_set()
@@ -219,7 +219,7 @@ def main() -> None:
     import torch
 
     from featcache.demo import make_demo_dataset
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extract.pipeline import ExtractConfig, extract
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-seg-"))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.manifest import Manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import Manifest
 
 
 def _manifest(n: int) -> Manifest:

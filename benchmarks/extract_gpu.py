@@ -7,10 +7,10 @@ short keeps what it finished); a short table is printed last and written to ``OU
   denominator (the datasheet peak is printed beside it, not used).
 * ``model``: random-init weights of the exact architecture (``random:NAME``, drawn on the GPU: the values
   do not change the cost), synthetic inputs already on the GPU; the micro-batch starts at the
-  requested batch and halves on out-of-memory (``featcache.extract_device.MicroBatch``, the
+  requested batch and halves on out-of-memory (``featcache.extract.device.MicroBatch``, the
   extraction's own rule); img/s over a timed window; MFU = img/s x ``model_flops`` / measured rate;
   peak GPU memory.
-* ``e2e``: ``featcache.extract.extract`` from 8-bit PNG files on local disk (1024 px chest films, hard
+* ``e2e``: ``featcache.extract.pipeline.extract`` from 8-bit PNG files on local disk (1024 px chest films, hard
   links to a few unique files, so they are in the page cache) to a finished store, enough images for
   about ``--e2e-seconds`` of GPU work. ``e2e_img_s`` counts the whole pass, ``e2e_steady_img_s`` leaves
   out the decode workers' start-up (until the first batch arrives); ratios use the steady rate.
@@ -40,13 +40,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import featcache.extract_device as exd
+import featcache.extract.device as exd
 import featcache.models as fm
 from featcache.demo import synth_chest
-from featcache.extract import ExtractConfig, _collate, _Images, extract
-from featcache.images import Preprocess
-from featcache.manifest import read_manifest, write_manifest
+from featcache.extract.pipeline import ExtractConfig, _collate, _Images, extract
 from featcache.models import REGISTRY, load_backbone, model_flops
+from featcache.store.manifest import read_manifest, write_manifest
+from featcache.store.preprocess import Preprocess
 
 # (model, res, batch, extra end-to-end token sets)
 GPU_PLAN = [

@@ -15,6 +15,6 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
 fi
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import zarr, numcodecs, featcache.store, featcache.extract; print('imports ok: zarr', zarr.__version__)"
+"$PY" -c "import zarr, numcodecs, featcache.store.feature_store, featcache.extract.pipeline; print('imports ok: zarr', zarr.__version__)"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3 || true
 "$PY" benchmarks/extract_gpu.py --out "$OUT" "${@:3}"

@@ -1,7 +1,7 @@
 """featcache: embed a dataset once with a frozen vision backbone, probe the cache many times.
 
-The extraction half (``featcache.extract``, ``featcache.models``) imports torch;
-``featcache.store`` and ``featcache.manifest`` do not, so the probes can read a
+The extraction half (``featcache.extract.pipeline``, ``featcache.models``) imports torch;
+``featcache.store.feature_store`` and ``featcache.store.manifest`` do not, so the probes can read a
 store without it.
 """
 

@@ -154,8 +154,8 @@ def extract(storage_options: dict | None = None, **kw) -> None:
     """
     quiet = kw.pop("quiet")
     try:  # Ctrl-C while torch is still importing is an interruption too (exit 130, not "Aborted!")
-        from featcache.extract import ExtractConfig
-        from featcache.extract import extract as run_extract
+        from featcache.extract.pipeline import ExtractConfig
+        from featcache.extract.pipeline import extract as run_extract
 
         cfg = ExtractConfig(
             model=kw["model"], data=kw["data"], out=kw["out"], res=kw["res"], root=kw["root"], name=kw["name"],
@@ -200,7 +200,7 @@ def extract(storage_options: dict | None = None, **kw) -> None:
 
 
 def _submit(cfg, spec: str, folder: str) -> None:
-    from featcache.launch import parse_slurm_spec, slurm_layout, submit_slurm
+    from featcache.extract.slurm import parse_slurm_spec, slurm_layout, submit_slurm
 
     parsed = parse_slurm_spec(spec)
     jobs = submit_slurm(cfg, parsed, folder)
@@ -224,7 +224,7 @@ def ls_cmd(cache: str, storage_options: dict | None = None) -> None:
     Example: featcache ls cache/
     """
     from featcache.errors import StoreError
-    from featcache.store import FAILED, OK, PENDING, FeatureStore
+    from featcache.store.feature_store import FAILED, OK, PENDING, FeatureStore
 
     store = FeatureStore(cache, storage_options=storage_options)
     sets = store.list_sets()
@@ -259,7 +259,7 @@ def info(cache: str, set_name: str | None, as_json: bool, storage_options: dict 
     """
     import json
 
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     fs = FeatureStore(cache, storage_options=storage_options).open_set(set_name)
     if as_json:
@@ -323,8 +323,8 @@ def verify(cache: str, set_name: str | None, repair: bool, storage_options: dict
     Example: featcache verify cache/ ; featcache verify --repair cache/ && featcache extract ...
     """
     from featcache.errors import StoreError
-    from featcache.store import FeatureStore
-    from featcache.store_check import verify_set
+    from featcache.store.check import verify_set
+    from featcache.store.feature_store import FeatureStore
 
     store = FeatureStore(cache, mode="a" if repair else "r", storage_options=storage_options)
     names = [set_name] if set_name else store.list_sets()

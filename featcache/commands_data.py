@@ -358,7 +358,7 @@ def volumes(manifest_csv, out, root, axis, window, every, frame) -> None:
 
     Example: featcache volumes vols.csv --out slices/ --axis 2 --window lung && featcache extract --data slices/manifest.csv ...
     """
-    from featcache.volumes import expand_volumes
+    from featcache.datasets.volumes import expand_volumes
 
     result = expand_volumes(manifest_csv, out, root=root, axis=axis, window=window, every=every, frame=frame)
     click.echo(result.summary())

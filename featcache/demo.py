@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featcache.manifest import write_manifest
+from featcache.store.manifest import write_manifest
 
 FINDINGS = ("cardiomegaly", "effusion", "nodule")
 
@@ -140,9 +140,9 @@ def demo_extract(out: str | Path, model: str = "random:dinov3-vits16", res: int 
 
     Yields:
         Lines of text describing each step; the last value yielded is the extraction's result
-        (:class:`featcache.extract.ExtractResult`), not a line.
+        (:class:`featcache.extract.pipeline.ExtractResult`), not a line.
     """
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extract.pipeline import ExtractConfig, extract
 
     out = Path(out)
     manifest = make_demo_dataset(out / "data", n_patients=n_patients)

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError, StoreError
-from featcache.manifest import read_manifest
-from featcache.store import OK, PENDING, ArraySpec, FeatureSet, FeatureStore
+from featcache.store.feature_store import OK, PENDING, ArraySpec, FeatureSet, FeatureStore
+from featcache.store.manifest import read_manifest
 
 FORMATS = ("h5", "npz")
 ARRAY_NAMES = ("cls", "pooled", "layer_cls", "layer_pooled", "registers", "patch")

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.decode.images import read_image
 from featcache.errors import FeatcacheError, ImageReadError, StoreError
-from featcache.images import Preprocess, read_image
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.preprocess import Preprocess
 
 __all__ = ["PcaResult", "patch_pca_rgb", "pca_picture"]
 

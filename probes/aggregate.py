@@ -69,7 +69,7 @@ def volume_ids(fs: Any) -> np.ndarray:
     """The volume id of every row of a feature set extracted from a slice manifest.
 
     Args:
-        fs: a ``featcache.store.FeatureSet``.
+        fs: a ``featcache.store.feature_store.FeatureSet``.
 
     Returns:
         str [N], the ``meta_volume`` column.

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError, StoreError
-from featcache.store import FeatureSet, FeatureStore
+from featcache.store.feature_store import FeatureSet, FeatureStore
 
 from .labels import apply_uncertain
 
@@ -212,7 +212,7 @@ def open_checked_set(
     """Open a feature set for a probe, refusing one that cannot be trusted.
 
     Every consumer of stored features (the probes, ``seg``, ``pca``, ``export``) opens sets through
-    this function, so every guard applies to all of them (:func:`featcache.store_check.check_usable`):
+    this function, so every guard applies to all of them (:func:`featcache.store.check.check_usable`):
     a known format version, no manifest replacement in progress, arrays whose shapes agree with the
     set's attributes, a manifest digest equal to one recomputed from the stored columns, attributes
     not edited by hand, valid status values, and no pending rows unless ``allow_partial``.
@@ -224,7 +224,7 @@ def open_checked_set(
             running or interrupted); ``fs.usable["pending"]`` counts them.
 
     Returns:
-        The open :class:`~featcache.store.FeatureSet`, with ``fs.usable`` =
+        The open :class:`~featcache.store.feature_store.FeatureSet`, with ``fs.usable`` =
         ``{"n", "ok", "failed", "pending"}``.
 
     Raises:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.store import FeatureSet, FeatureStore
+from featcache.store.feature_store import FeatureSet, FeatureStore
 
 from .data import (
     ProbeData,

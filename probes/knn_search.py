@@ -86,7 +86,7 @@ class StoreBlocks:
         self.rows = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        from featcache.store import FeatureStore
+        from featcache.store.feature_store import FeatureStore
 
         fs = FeatureStore(self.url).open_set(self.set_name)
         yield from fs.iter_blocks(self.array, self.rows)

@@ -6,9 +6,9 @@ Rows: extracted rows (status ok) with a mask and a ``train``/``val``/``test`` sp
 rows, a patient-level share of train is carved off by :func:`probes.data.carve_val` and recorded.
 
 Targets. Masks come from the manifest's ``mask`` column (stored in the feature set, relative to its
-root). A mask is an integer label map read by :func:`featcache.images.read_mask`: 0 background,
+root). A mask is an integer label map read by :func:`featcache.decode.images.read_mask`: 0 background,
 k > 0 structure k (a binary 0/255 mask reads as 0/1), of any size. For training it is put through
-the geometry of the extraction (:meth:`featcache.images.Preprocess.transform_mask`, letterbox
+the geometry of the extraction (:meth:`featcache.store.preprocess.Preprocess.transform_mask`, letterbox
 padding = background) into the ``res`` x ``res`` model frame and from there to the training grid
 (``train_scale`` times the token grid, at most ``res``), both by the pixel-centre nearest rule of
 :mod:`probes.seg_frame` (``floor((i + 0.5) * n_in / n_out)``; not PIL's ``NEAREST``, which breaks
@@ -70,10 +70,11 @@ from typing import Any
 
 import numpy as np
 
+from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError, StoreError
-from featcache.images import Preprocess, read_mask
 from featcache.progress import probe_progress
-from featcache.store import FeatureSet, FeatureStore
+from featcache.store.feature_store import FeatureSet, FeatureStore
+from featcache.store.preprocess import Preprocess
 
 from .data import SPLITS, carve_val, open_checked_set
 from .results import append_jsonl, make_rows

@@ -1,12 +1,12 @@
 """Geometry of segmentation scoring: between the model's input frame and the mask's own frame.
 
 Frames. The *model frame* is the ``res`` x ``res`` input of the backbone: the image put through
-:meth:`featcache.images.Preprocess.geometry` (``squash``, ``letterbox`` or ``crop``). The *mask
+:meth:`featcache.store.preprocess.Preprocess.geometry` (``squash``, ``letterbox`` or ``crop``). The *mask
 frame* is the mask file's own pixels (the original image's pixels when, as usual, the mask has the
 image's size).
 
 Nearest-neighbour resizing of label maps (masks into the model frame by
-:meth:`~featcache.images.Preprocess.transform_mask`, and model-frame masks to the training grid by
+:meth:`~featcache.store.preprocess.Preprocess.transform_mask`, and model-frame masks to the training grid by
 :func:`nearest_resize`): output pixel ``i`` of ``n_out`` takes source pixel
 ``min(floor((i + 0.5) * (n_in / n_out)), n_in - 1)`` (float64), the source pixel whose extent holds
 the output pixel's centre. When that centre falls exactly on the border of two source pixels the
@@ -39,8 +39,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from featcache.decode.images import is_dicom
 from featcache.errors import FeatcacheError
-from featcache.images import Preprocess, is_dicom
+from featcache.store.preprocess import Preprocess
 
 from .seg_heads import _baseline_from_counts
 

@@ -32,7 +32,7 @@ from sklearn.base import BaseEstimator
 
 from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
-from featcache.store import FeatureSet
+from featcache.store.feature_store import FeatureSet
 
 from .seg_metrics import _over_structures, dice
 from .seg_unet import build_unet

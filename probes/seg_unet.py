@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.errors import FeatcacheError, StoreError
-from featcache.store import FeatureSet
+from featcache.store.feature_store import FeatureSet
 
 __all__ = ["LayerChoice", "build_unet", "resolve_layers"]
 

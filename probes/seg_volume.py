@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.store import FeatureSet
+from featcache.store.feature_store import FeatureSet
 
 from .aggregate import volume_ids
 from .seg_metrics import SEG_METRICS, seg_metrics

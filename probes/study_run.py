@@ -1,8 +1,8 @@
 """Run a study plan: extract what is missing, run every probe once, end with the report.
 
-:func:`run_study` walks the steps of :func:`featcache.study.plan_steps` in order. Before the
+:func:`run_study` walks the steps of :func:`featcache.study.plan.plan_steps` in order. Before the
 first pending probe run of a feature set it makes sure the set is extracted and current (a
-missing or unfinished set is extracted, resuming, through :func:`featcache.extract.extract`;
+missing or unfinished set is extracted, resuming, through :func:`featcache.extract.pipeline.extract`;
 with ``extract=False`` the study refuses and names the ``featcache extract`` commands). Each
 probe run's rows carry ``params.study_step`` (the step key) and are appended to the results file
 in one write, so a run killed at any point leaves whole steps; the next run skips every step
@@ -24,7 +24,7 @@ from typing import Any
 
 from featcache.errors import FeatcacheError
 from featcache.progress import VERBOSE, Progress, get_verbosity
-from featcache.study import Extraction, ProbeStep, StudyError, StudyPlan, plan_steps
+from featcache.study.plan import Extraction, ProbeStep, StudyError, StudyPlan, plan_steps
 
 from .results import append_jsonl, read_jsonl
 
@@ -93,7 +93,7 @@ def _drop_torn_tail(path: Path, notes: list[str] | None) -> None:
 
 def complete_sets(plan: StudyPlan, extractions: list[Extraction]) -> set[str]:
     """Names of the plan's sets that exist in its cache, hold no pending rows and the current manifest."""
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     if not (plan.cache / "zarr.json").is_file():
         return set()
@@ -111,7 +111,7 @@ def complete_sets(plan: StudyPlan, extractions: list[Extraction]) -> set[str]:
 def _extract(plan: StudyPlan, e: Extraction, quiet: bool) -> None:
     from dataclasses import fields
 
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extract.pipeline import ExtractConfig, extract
 
     d = next(d for d in plan.datasets if d.name == e.dataset)
     x = plan.extract
@@ -165,7 +165,7 @@ def run_study(
     """Run every step of a plan that is not in its results file yet, then write the report.
 
     Args:
-        plan: from :func:`featcache.study.load_plan`.
+        plan: from :func:`featcache.study.plan.load_plan`.
         extract: make missing feature sets; False refuses instead (``StudyError.commands`` holds
             the ``featcache extract`` lines).
         report: write ``<out>/report.md`` and ``<out>/report.html`` at the end.

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
 
 from .data import ProbeData, Split
 from .fit import Scored

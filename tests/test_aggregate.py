@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from featcache.datasets.volumes import expand_volumes
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import ArraySpec, FeatureStore
-from featcache.volumes import expand_volumes
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.aggregate import aggregate, aggregate_probe_data, aggregate_split, volume_ids
 from probes.data import ProbeData, Split, load_probe_data
 

@@ -17,13 +17,18 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from featcache import dicom
 from featcache.datasets import check_manifest
-from featcache.dedup import cross_split_duplicates, file_digest, hash_files, refuse_cross_split_duplicates
+from featcache.datasets.dedup import (
+    cross_split_duplicates,
+    file_digest,
+    hash_files,
+    refuse_cross_split_duplicates,
+)
+from featcache.datasets.volumes import read_volume
+from featcache.decode import dicom as dicom
+from featcache.decode.images import check_header, read_image
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
-from featcache.images import check_header, read_image
-from featcache.manifest import read_manifest
-from featcache.volumes import read_volume
+from featcache.store.manifest import read_manifest
 
 SECRETS = ("SECRET^NAME", "SECRET-ID-42", "SECRET HOSPITAL")
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import featcache, probes
-from featcache.manifest import write_manifest
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
 
 
 @pytest.fixture

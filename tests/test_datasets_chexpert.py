@@ -9,7 +9,7 @@ import pytest
 
 from featcache.datasets import build_manifest
 from featcache.errors import FeatcacheError, ManifestError
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 HEADER = (
     "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"

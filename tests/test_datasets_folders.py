@@ -13,7 +13,7 @@ import cli
 from featcache.datasets import build_manifest
 from featcache.datasets.pediatric import patient_of
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 KERMANY = {
     "train/NORMAL": ["IM-0115-0001.jpeg", "IM-0115-0002.jpeg", "NORMAL2-IM-0372-0001.jpeg"],

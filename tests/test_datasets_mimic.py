@@ -8,7 +8,7 @@ import gzip
 import pytest
 
 from featcache.datasets import build_manifest
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 META = (
     "dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,"

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import cli
 from featcache.datasets import build_manifest, nih
 from featcache.errors import ManifestError
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 ENTRY = "nih_metadata/Data_Entry_2017_v2020.csv.gz"
 # The official finding names, as NIH spells them in `Finding Labels`.

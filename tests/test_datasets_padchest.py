@@ -8,7 +8,7 @@ import gzip
 import pytest
 
 from featcache.datasets import build_manifest
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 COLUMNS = (
     "ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,ViewPosition_DICOM,"

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from featcache.datasets import build_manifest
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 VINDR_LABELS = [
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",

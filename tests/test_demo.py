@@ -8,8 +8,8 @@ from PIL import Image
 
 from cli import featcache
 from featcache.demo import FINDINGS, make_demo_dataset, synth_chest
-from featcache.manifest import read_manifest
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import read_manifest
 from probes.results import read_jsonl
 
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import SHARED_DATA
 from scipy import ndimage
 
-from featcache.images import read_mask
-from featcache.manifest import read_manifest
+from featcache.decode.images import read_mask
+from featcache.store.manifest import read_manifest
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def one_thread():
 
 
 def _extract(manifest: Path, out: Path, res: int, root: Path | None, layers: str | None = None) -> Path:
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extract.pipeline import ExtractConfig, extract
 
     cfg = ExtractConfig(
         model=MODEL, data=str(manifest), out=str(out), res=res, root=None if root is None else str(root),
@@ -88,7 +88,7 @@ def _value(rows, probe="seg", label="mean", metric="dice"):
 
 
 def test_hannover_heads_dice_equals_the_saved_masks(hannover):
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     tmp, cache, _, rows = hannover
     fs = FeatureStore(cache).open_set()
@@ -128,7 +128,7 @@ def mr(tmp_path_factory, one_thread):
     """The MR slabs expanded coronally with one window for the subject, extracted at 64 px, scored per volume."""
     import nibabel as nib
 
-    from featcache.volumes import expand_volumes
+    from featcache.datasets.volumes import expand_volumes
     from probes.seg import run_seg
 
     if not VOLUMES.is_dir():

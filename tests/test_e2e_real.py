@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import featcache, probes
-from featcache.manifest import write_manifest
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
 from probes.results import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from featcache.decode.images import read_image
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
-from featcache.extract import ExtractConfig, extract
-from featcache.images import Preprocess, read_image
-from featcache.manifest import write_manifest
+from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.models import load_backbone
-from featcache.store import FAILED, OK, FeatureStore
+from featcache.store.feature_store import FAILED, OK, FeatureStore
+from featcache.store.manifest import write_manifest
+from featcache.store.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,7 +179,7 @@ def test_workers_write_disjoint_shards(tmp_path):
 
 _RUNNER = """
 import sys
-from featcache.extract import ExtractConfig, extract
+from featcache.extract.pipeline import ExtractConfig, extract
 cfg = ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32, workers=0,
                     shard_rows=2, batch_size=1)
 extract(cfg, progress=False)
@@ -227,7 +228,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, sig):
 
 
 def test_out_of_memory_halves_the_micro_batch(tmp_path, monkeypatch):
-    import featcache.extract_device as exd
+    import featcache.extract.device as exd
 
     manifest = _dataset(tmp_path, n=8)
     ref = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "ref"), batch_size=8), progress=False)
@@ -251,7 +252,7 @@ def test_out_of_memory_halves_the_micro_batch(tmp_path, monkeypatch):
 
 
 def test_micro_batch_grows_back_after_good_chunks(tmp_path, monkeypatch):
-    import featcache.extract_device as exd
+    import featcache.extract.device as exd
 
     manifest = _dataset(tmp_path, n=24)
     ref = extract(_cfg(tmp_path, manifest, out=str(tmp_path / "ref"), batch_size=4), progress=False)
@@ -276,7 +277,7 @@ def test_micro_batch_grows_back_after_good_chunks(tmp_path, monkeypatch):
 
 
 def test_micro_batch_backoff_rules():
-    from featcache.extract_device import MicroBatch
+    from featcache.extract.device import MicroBatch
 
     m = MicroBatch(64, grow_after=2)
     m.out_of_memory()

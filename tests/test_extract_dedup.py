@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractConfig, extract
-from featcache.manifest import write_manifest
-from featcache.store import FeatureStore
+from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
 
 
 def _films(root, n=6):

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract import ExtractConfig, extract
-from featcache.images import Preprocess, read_image
-from featcache.manifest import write_manifest
+from featcache.decode.images import read_image
+from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.models import load_backbone
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
+from featcache.store.preprocess import Preprocess
 
 
 def _dataset(root, n=4, size=40):

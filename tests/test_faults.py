@@ -1,7 +1,7 @@
 """Fault injection: a kill, a full disk or a read-only file system at every store event of a small
 extraction; the next run resumes to a store bit-identical to an uninterrupted one.
 
-Every store write calls ``featcache.store_io.fault_point(label)`` first. In process, the tests
+Every store write calls ``featcache.store.io.fault_point(label)`` first. In process, the tests
 replace it by one that raises at the N-th event (``_Kill`` is a BaseException, which nothing in
 featcache catches, like a signal that ends the process); in subprocesses, ``FEATCACHE_FAULT_AT=N``
 ends the process with ``os._exit`` there, as SIGKILL would. The cases are listed in
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache import store_io
 from featcache.errors import FeatcacheError, StoreError
-from featcache.extract import ExtractConfig, ExtractionAborted, extract
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import FeatureStore
+from featcache.extract.pipeline import ExtractConfig, ExtractionAborted, extract
+from featcache.store import io as store_io
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROWS, SHARD = 6, 2
@@ -187,7 +187,7 @@ def test_write_errors_at_every_event_are_one_line_then_resume(reference, tmp_pat
 
 
 def test_read_only_store_folder_is_one_line(tmp_path, monkeypatch, reference):
-    import featcache.store as store_mod
+    import featcache.store.feature_store as store_mod
 
     _, manifest, _, _ = reference
 
@@ -200,7 +200,7 @@ def test_read_only_store_folder_is_one_line(tmp_path, monkeypatch, reference):
 
 
 def test_cpu_out_of_memory_is_one_line_and_resumes(reference, tmp_path, monkeypatch):
-    import featcache.extract as ex
+    import featcache.extract.pipeline as ex
 
     _, manifest, _, clean = reference
     real = ex._to_numpy
@@ -224,7 +224,7 @@ _DIE = (
     _FAST
     + """
 import os, signal, sys
-import featcache.extract as ex
+import featcache.extract.pipeline as ex
 real = ex._Images.__getitem__
 def die(self, i):
     if i == 3:
@@ -258,8 +258,8 @@ def test_decode_worker_death_ends_the_run_with_an_error(reference, tmp_path):
 
 _CREATE = """
 import sys, time
-from featcache.manifest import read_manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest
+from featcache.store.feature_store import ArraySpec, FeatureStore
 m = read_manifest(sys.argv[1])
 while time.time() < float(sys.argv[3]):
     pass
@@ -298,7 +298,7 @@ _RUN = (
     _FAST
     + """
 import sys
-from featcache.extract import ExtractConfig, extract
+from featcache.extract.pipeline import ExtractConfig, extract
 extract(ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32, workers=0,
                       shard_rows=2, batch_size=2), progress=False)
 """
@@ -324,7 +324,7 @@ def test_real_process_exit_at_creation_commit_and_attributes(reference, tmp_path
 
 
 def test_mixed_num_shards_and_changed_shard_size_are_refused(reference, tmp_path):
-    from featcache.locks import extraction_lock
+    from featcache.store.locks import extraction_lock
 
     _, manifest, _, _ = reference
     out = tmp_path / "mix"
@@ -352,13 +352,13 @@ def test_lock_is_free_once_the_main_process_is_killed(reference, tmp_path):
     """An orphaned decode worker must not hold the set's lock (it closes its inherited copy)."""
     import signal
 
-    from featcache.locks import extraction_lock
+    from featcache.store.locks import extraction_lock
 
     _, manifest, _, _ = reference
     out = tmp_path / "orphan"
     extract(_cfg(manifest, out), progress=False)  # the set exists
     script = _RUN.replace("workers=0", "workers=2").replace("shard_rows=2", "shard_rows=2, retry_failed=True")
-    script = script.replace("import sys", "import sys, time\nimport featcache.extract as ex\n"
+    script = script.replace("import sys", "import sys, time\nimport featcache.extract.pipeline as ex\n"
                             "real = ex._Images.__getitem__\n"
                             "ex._Images.__getitem__ = lambda self, i: (time.sleep(30), real(self, i))[1]")  # fmt: skip
     fs = FeatureStore(out, mode="a").open_set()

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from cli import probes
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
 from probes.episodes import first_patient_episodes
 from probes.fewshot import fewshot_scores, sample_episodes

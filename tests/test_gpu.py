@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from featcache.demo import make_demo_dataset
-from featcache.extract import ExtractConfig, extract
+from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.models import load_backbone
 from featcache.models import loading as ld
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,16 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from featcache.decode.images import is_dicom, read_image, read_mask
 from featcache.errors import FeatcacheError, ImageReadError
-from featcache.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PIPELINE,
-    Preprocess,
-    is_dicom,
-    read_image,
-    read_mask,
-)
+from featcache.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, PIPELINE, Preprocess
 
 RNG = np.random.default_rng(0)
 

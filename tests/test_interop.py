@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import cli
 from featcache.errors import FeatcacheError, StoreError
 from featcache.interop import export_set, import_h5
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import FAILED, OK, ArraySpec, FeatureStore
+from featcache.store.feature_store import FAILED, OK, ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 
 N, D = 30, 16
 SPECS = {"cls": ArraySpec((D,)), "pooled": ArraySpec((D,)), "patch": ArraySpec((2, 2, D), "float16")}
@@ -214,7 +214,7 @@ def test_cli_export_import(tmp_path, store, manifest_csv):
 def test_npz_with_object_ids_is_a_clear_error(tmp_path):
     from featcache.errors import FeatcacheError
     from featcache.interop import import_h5
-    from featcache.manifest import write_manifest
+    from featcache.store.manifest import write_manifest
 
     (tmp_path / "a.png").write_bytes(b"x")
     write_manifest(tmp_path / "m.csv", {"path": ["a.png"]})

@@ -10,8 +10,8 @@ import faiss
 import numpy as np
 import pytest
 
-from featcache.manifest import Manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import Manifest
 from probes._linalg import l2_normalize
 from probes.knn import KNNProbe, ProbeInputError
 from probes.knn_bf16 import bf16_error_bound, bf16_search

@@ -11,15 +11,14 @@ import pytest
 from PIL import Image
 
 from featcache.errors import FeatcacheError
-from featcache.launch import (
+from featcache.extract.launch import (
     MIN_SHARD_ROWS,
     balance_shard_rows,
     default_threads,
     env_slice,
-    parse_slurm_spec,
     resolve_slice,
-    slurm_layout,
 )
+from featcache.extract.slurm import parse_slurm_spec, slurm_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +173,7 @@ def manifest(tmp_path):
 
 
 def _cfg(manifest, out, **kw):
-    from featcache.extract import ExtractConfig
+    from featcache.extract.pipeline import ExtractConfig
 
     base = dict(
         model="random:dinov3-vits16", data=str(manifest), out=str(out), res=32, workers=0, device="cpu"
@@ -183,8 +182,8 @@ def _cfg(manifest, out, **kw):
 
 
 def test_torchrun_ranks_split_a_small_set_and_match_one_worker(tmp_path, manifest, monkeypatch, capsys):
-    from featcache.extract import extract
-    from featcache.store import FeatureStore
+    from featcache.extract.pipeline import extract
+    from featcache.store.feature_store import FeatureStore
 
     extract(_cfg(manifest, tmp_path / "one"), progress=False)
     results = []
@@ -207,8 +206,8 @@ def test_torchrun_ranks_split_a_small_set_and_match_one_worker(tmp_path, manifes
 def test_threads_are_set_recorded_and_restored(tmp_path, manifest):
     import torch
 
-    from featcache.extract import extract
-    from featcache.store import FeatureStore
+    from featcache.extract.pipeline import extract
+    from featcache.store.feature_store import FeatureStore
 
     before = torch.get_num_threads()
     r = extract(_cfg(manifest, tmp_path / "c", threads=1), progress=False)
@@ -220,9 +219,9 @@ def test_threads_are_set_recorded_and_restored(tmp_path, manifest):
 
 
 def test_cpu_bf16_is_opt_in_recorded_and_close_to_float32(tmp_path, manifest):
-    from featcache.extract import extract
-    from featcache.launch import cpu_bf16_support
-    from featcache.store import FeatureStore
+    from featcache.extract.launch import cpu_bf16_support
+    from featcache.extract.pipeline import extract
+    from featcache.store.feature_store import FeatureStore
 
     ok, _ = cpu_bf16_support()
     if not ok:
@@ -248,9 +247,9 @@ def test_python_dash_m_featcache_runs_the_cli():
 
 def test_submitit_local_array_fills_the_set(tmp_path, manifest):
     submitit = pytest.importorskip("submitit")
-    from featcache.extract import extract
-    from featcache.launch import submit_slurm
-    from featcache.store import FeatureStore
+    from featcache.extract.pipeline import extract
+    from featcache.extract.slurm import submit_slurm
+    from featcache.store.feature_store import FeatureStore
 
     spec = parse_slurm_spec("array=2,time=10")
     jobs = submit_slurm(

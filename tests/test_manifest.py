@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import ManifestError
-from featcache.manifest import read_manifest, write_manifest
+from featcache.store.manifest import read_manifest, write_manifest
 
 
 def _files(root, names):

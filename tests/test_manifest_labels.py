@@ -7,7 +7,7 @@ import pytest
 
 from featcache.demo import make_demo_dataset
 from featcache.errors import ManifestError
-from featcache.manifest import read_manifest
+from featcache.store.manifest import read_manifest
 
 
 def _write(tmp_path, text: str):

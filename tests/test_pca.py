@@ -13,10 +13,10 @@ from sklearn.decomposition import PCA
 
 from featcache.demo import make_demo_dataset
 from featcache.errors import FeatcacheError, StoreError
-from featcache.images import Preprocess
-from featcache.manifest import read_manifest
 from featcache.pca import patch_pca_rgb, pca_picture
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest
+from featcache.store.preprocess import Preprocess
 
 GRID, DIM = 4, 8
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from cli import probes
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.run import run_compare, run_knn, run_logreg
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import carve_val, check_same_test, load_probe_data
 
 LABELS = ("effusion", "nodule")

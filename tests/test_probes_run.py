@@ -216,7 +216,7 @@ def test_logreg_grid_without_val_carves_and_says_so(tmp_path):
 def test_logreg_labels_that_cannot_be_fitted_or_tuned(tmp_path):
     s = build_store(tmp_path, n_patients=30)
     # make 'nodule' one-class in val (C cannot be selected there) by rewriting the stored labels
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     fs = FeatureStore(s["cache"], mode="a").open_set()
     labels = fs.labels

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featcache.extract import ExtractConfig, extract
-from featcache.manifest import write_manifest
+from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.models import load_backbone
-from featcache.store import FeatureStore
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
 
 
 def _films(root, n=4):

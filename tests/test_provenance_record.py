@@ -1,8 +1,8 @@
-"""featcache.provenance.SetRecord: one reading of how a set was made, older layouts included."""
+"""featcache.store.provenance.SetRecord: one reading of how a set was made, older layouts included."""
 
 from __future__ import annotations
 
-from featcache.provenance import SetRecord
+from featcache.store.provenance import SetRecord
 
 
 def test_record_reads_the_top_level_attributes():

@@ -16,10 +16,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError, StoreError
-from featcache.images import Preprocess, read_mask
-from featcache.manifest import Manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import Manifest
+from featcache.store.preprocess import Preprocess
 from probes.seg import (
     SegProbe,
     StoreTokens,
@@ -439,7 +440,7 @@ def test_import_probes_seg_does_not_import_torch():
 
 
 def _extract(manifest: Path, out: Path, res: int, root: Path | None = None) -> Path:
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extract.pipeline import ExtractConfig, extract
 
     cfg = ExtractConfig(
         model="random:dinov3-vits16", data=str(manifest), out=str(out), res=res, root=str(root) if root else None,

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from featcache.errors import FeatcacheError, StoreError
-from featcache.images import Preprocess
-from featcache.manifest import Manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import Manifest
+from featcache.store.preprocess import Preprocess
 from probes.seg import SegProbe, StoreTokens, dice, run_seg
 
 RES, GRID, DIM = 64, 4, 6

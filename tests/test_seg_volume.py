@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 from test_seg_unet import GRID, RES, _one_torch_thread, layered_store  # noqa: F401 (autouse fixture)
 
+from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError
-from featcache.images import read_mask
 from probes.seg import run_seg, seg_metrics
 from probes.seg_metrics import hd95
 

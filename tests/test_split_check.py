@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import cli
 from featcache.datasets import assign_splits, build_manifest, check_manifest, split_manifest
 from featcache.errors import FeatcacheError, ManifestError
-from featcache.manifest import write_manifest
+from featcache.store.manifest import write_manifest
 
 
 def _read(path):

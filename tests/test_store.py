@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError, StoreError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import FAILED, OK, PENDING, ArraySpec, FeatureStore, default_shard_rows, extraction_lock
+from featcache.store.feature_store import (
+    FAILED,
+    OK,
+    PENDING,
+    ArraySpec,
+    FeatureStore,
+    default_shard_rows,
+    extraction_lock,
+)
+from featcache.store.manifest import read_manifest, write_manifest
 
 
 @pytest.fixture
@@ -144,7 +152,7 @@ def test_default_shard_rows():
 def test_lock_refuses_second_writer(tmp_path, manifest):
     fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {})
     code = (
-        "import sys; from featcache.store import FeatureStore, extraction_lock\n"
+        "import sys; from featcache.store.feature_store import FeatureStore, extraction_lock\n"
         f"fs = FeatureStore({str(tmp_path / 'c')!r}).open_set('s')\n"
         "n, i = int(sys.argv[1]), int(sys.argv[2])\n"
         "try:\n    with extraction_lock(fs, i, n): print('ok')\nexcept Exception as e: print(type(e).__name__)\n"
@@ -170,7 +178,7 @@ def test_store_does_not_import_torch():
         [
             sys.executable,
             "-c",
-            "import featcache.store, featcache.manifest, sys; print('torch' in sys.modules)",
+            "import featcache.store.feature_store, featcache.store.manifest, sys; print('torch' in sys.modules)",
         ],
         capture_output=True,
         text=True,
@@ -251,8 +259,8 @@ def test_refused_run_leaves_the_manifest_alone_and_meta_changes_count(tmp_path, 
 
 
 def test_interrupted_replacement_is_refused_then_finished(tmp_path, manifest, monkeypatch):
-    import featcache.store_layout as layout
-    import featcache.store_write as writer
+    import featcache.store.layout as layout
+    import featcache.store.write as writer
     from probes.data import load_probe_data
 
     store = FeatureStore(tmp_path / "c", mode="a")
@@ -290,7 +298,7 @@ def test_workers_replacing_at_once_do_not_collide(tmp_path, manifest):
     cols = {"path": manifest.paths.tolist(), "split": ["test", "train"] * 5, "effusion": [1.0, 0.0] * 5}
     write_manifest(tmp_path / "m2.csv", cols)
     code = (
-        "from featcache.store import FeatureStore; from featcache.manifest import read_manifest\n"
+        "from featcache.store.feature_store import FeatureStore; from featcache.store.manifest import read_manifest\n"
         f"m = read_manifest({str(tmp_path / 'm2.csv')!r}, root={str(manifest.root)!r})\n"
         f"fs = FeatureStore({str(tmp_path / 'c')!r}, mode='a').open_set('s')\n"
         "print(fs.replace_manifest(m))\n"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featcache.store_layout as store_mod
+import featcache.store.layout as store_mod
 from featcache.errors import FeatcacheError, StoreError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import OK, PENDING, ArraySpec, FeatureStore
+from featcache.store.feature_store import OK, PENDING, ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
 
 SPECS = {"cls": ArraySpec((8,)), "pooled": ArraySpec((8,)), "patch": ArraySpec((2, 2, 8), "float16")}

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cli import featcache
 from featcache.demo import make_demo_dataset
 from featcache.progress import Progress, get_verbosity, set_verbosity
-from featcache.study import StudyError, load_plan, plan_steps
+from featcache.study.plan import StudyError, load_plan, plan_steps
 from probes.results import read_jsonl
 from probes.study_run import done_steps, run_study
 
@@ -292,7 +292,7 @@ def _real_manifest(src, out, labels, n_per_split, carve_test=False):
         cols["split"].append(r["split"])
         for lab in labels:
             cols[lab].append(int(r["label"] if lab == "pneumonia" else r[lab]))
-    from featcache.manifest import write_manifest
+    from featcache.store.manifest import write_manifest
 
     return write_manifest(out, cols)
 

@@ -14,8 +14,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
-from featcache.store import ArraySpec, FeatureStore
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
 from probes.fit import logreg_scores
 from probes.run import run_knn, run_logreg

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from featcache.extract import ExtractConfig, extract
-from featcache.manifest import write_manifest
-from featcache.store import FeatureStore
-from featcache.volumes import expand_volumes
+from featcache.datasets.volumes import expand_volumes
+from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.store.feature_store import FeatureStore
+from featcache.store.manifest import write_manifest
 from probes.knn import KNNProbe
 from probes.run import run_knn
 

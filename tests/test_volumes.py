@@ -17,10 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from featcache.errors import FeatcacheError, ImageReadError, ManifestError
-from featcache.images import read_image, read_mask
-from featcache.manifest import read_manifest
-from featcache.volumes import (
+from featcache.datasets.volumes import (
     WINDOW_PRESETS,
     expand_volumes,
     parse_window,
@@ -28,6 +25,9 @@ from featcache.volumes import (
     read_volume,
     volume_slice,
 )
+from featcache.decode.images import read_image, read_mask
+from featcache.errors import FeatcacheError, ImageReadError, ManifestError
+from featcache.store.manifest import read_manifest
 
 
 def _png(path: Path) -> np.ndarray:
@@ -307,7 +307,7 @@ def test_manifest_problems_are_named(tmp_path, shared_data):
 
 
 def test_nan_voxels_do_not_blank_the_percentile_window():
-    from featcache.volumes import apply_window, parse_window
+    from featcache.datasets.volumes import apply_window, parse_window
 
     vol = np.arange(16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
     vol[0, 0, :] = np.nan

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import zarr
 
-from featcache.manifest import read_manifest
-from featcache.store import ArraySpec, FeatureStore
-from featcache.store_layout import decode_utf8_matrix, utf8_matrix
+from featcache.store.feature_store import ArraySpec, FeatureStore
+from featcache.store.layout import decode_utf8_matrix, utf8_matrix
+from featcache.store.manifest import read_manifest
 
 N = 23
 SET = "toy/model/64"
@@ -67,10 +67,10 @@ def test_every_array_has_dimension_names_and_the_set_is_consolidated(store):
 
 def test_no_foreign_files_in_the_hierarchy_zarr_warns_about(store):
     out, _ = store
-    from featcache.store import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     fs = FeatureStore(out, mode="a").open_set()
-    from featcache.locks import extraction_lock
+    from featcache.store.locks import extraction_lock
 
     with extraction_lock(fs, 0, 2):  # what two workers hold
         assert not list((out / SET).glob(".*lock*"))
@@ -162,7 +162,7 @@ def test_sets_written_before_have_no_new_arrays_and_still_read(store, tmp_path):
     np.testing.assert_array_equal(fs.read("cls"), truth["cls"])
     np.testing.assert_array_equal(fs.ids, truth["ids"])
     assert fs.verify() == []
-    from featcache.locks import extraction_lock
+    from featcache.store.locks import extraction_lock
 
     with extraction_lock(FeatureStore(out, mode="a").open_set()):  # the next extraction tidies up
         pass

@@ -1,7 +1,7 @@
 """Dataset adapters: official files of public datasets -> featcache manifests; splits and checks.
 
 Each adapter reads a dataset's own files as documented by its authors and
-writes a manifest in the format of ``featcache.manifest`` (paths relative to the
+writes a manifest in the format of ``featcache.store.manifest`` (paths relative to the
 dataset root, ids, patient ids, splits, labels renamed to the shared
 vocabulary of ``featcache.datasets.vocabulary``, ``meta_*`` columns):
 
@@ -39,7 +39,7 @@ from featcache.datasets._common import DatasetManifest
 from featcache.datasets.check import CheckReport, check_manifest
 from featcache.datasets.split import SplitResult, assign_splits, split_manifest
 from featcache.errors import FeatcacheError
-from featcache.manifest import read_manifest, write_manifest
+from featcache.store.manifest import read_manifest, write_manifest
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ the file): a patient in two splits (leakage), duplicate ids, label values other
 than 1/0/-1/blank, image or mask files missing under the root or reached through
 a symbolic link that leads outside it, the same image file in two splits, and
 (when files are checked) two files with identical bytes in two splits
-(``featcache.dedup``) and files that are empty or whose header declares more
-pixels than the decode limit (``featcache.dicom.max_pixels``). These are the
+(``featcache.datasets.dedup``) and files that are empty or whose header declares more
+pixels than the decode limit (``featcache.decode.dicom.max_pixels``). These are the
 manifest reader's own checks plus the extraction's pre-flight checks, so a
 manifest that passes here is one ``featcache extract`` accepts.
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.dedup import refuse_cross_split_duplicates
+from featcache.datasets.dedup import refuse_cross_split_duplicates
 from featcache.errors import ManifestError
-from featcache.manifest import Manifest, read_manifest
+from featcache.store.manifest import Manifest, read_manifest
 
 _SHOWN = 5
 
@@ -85,7 +85,7 @@ def _duplicate_paths(m: Manifest) -> tuple[list[str], list[str]]:
 
 def _check_headers(m: Manifest) -> None:
     """Refuse empty files and files whose header declares more pixels than the decode limit."""
-    from featcache.images import check_header
+    from featcache.decode.images import check_header
 
     for i in range(len(m)):
         check_header(m.abspath(i))
@@ -108,7 +108,7 @@ def check_manifest(
         root: folder the paths are relative to (default: the CSV's folder).
         check_files: check that every image and mask file exists, is not empty, declares a size
             within the decode limit, and that no two files of different splits have identical bytes.
-        hash_cache: digest cache file for the duplicate check (see ``featcache.dedup.hash_files``).
+        hash_cache: digest cache file for the duplicate check (see ``featcache.datasets.dedup.hash_files``).
         labels: the label columns (None: inferred; other columns kept as metadata, with a warning).
 
     Returns:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError, ManifestError
-from featcache.manifest import Manifest, parse_manifest
+from featcache.store.manifest import Manifest, parse_manifest
 
 SPLIT_NAMES = ("train", "val", "test")
 

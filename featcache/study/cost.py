@@ -8,29 +8,17 @@ Decoding, model loading and the CPU probes are not counted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from featcache.errors import FeatcacheError
+from featcache.study.plan import Extraction, ProbeStep, StudyPlan
 
-if TYPE_CHECKING:
-    from featcache.study import Extraction, ProbeStep, StudyPlan
-
-__all__ = ["DEFAULT_MFU", "DEFAULT_TFLOPS", "estimate_cost", "gflops_per_image", "render_plan"]
+__all__ = ["DEFAULT_MFU", "DEFAULT_TFLOPS", "estimate_cost", "render_plan"]
 
 # An H100 SXM's dense bf16 peak, and a model FLOP utilisation typical of inference of frozen
 # ViTs with decoding overlapped.
 DEFAULT_TFLOPS = 989.0
 DEFAULT_MFU = 0.4
-
-
-def gflops_per_image(model: str, res: int) -> float | None:
-    """Forward GFLOP per image of ``model`` (``random:NAME`` costs as NAME); None: not in the registry."""
-    from featcache.models import REGISTRY, model_flops
-
-    name = model[len("random:") :] if model.startswith("random:") else model
-    if name not in REGISTRY:
-        return None
-    return float(model_flops(REGISTRY.get(name), res))
 
 
 def estimate_cost(

@@ -1,8 +1,8 @@
-"""DICOM decoding for :func:`featcache.images.read_image`, and the limits every DICOM reader obeys.
+"""DICOM decoding for :func:`featcache.decode.images.read_image`, and the limits every DICOM reader obeys.
 
 Decompression bombs. Pillow refuses PNG/JPEG/TIFF files whose declared size is absurd; pydicom does
 not. Every DICOM reader of featcache (2-D images here, series and multi-frame volumes in
-``featcache.volumes``) first reads the header only (pixel data deferred) and refuses a file whose
+``featcache.datasets.volumes``) first reads the header only (pixel data deferred) and refuses a file whose
 declared size, ``Rows x Columns x SamplesPerPixel x frames decoded``, exceeds :func:`max_pixels`
 values, before any pixel data is inflated or decoded. The limit is ``FEATCACHE_MAX_PIXELS`` when that
 environment variable is set (a positive integer), else :data:`MAX_PIXELS` (module setting, default
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.decode.common import frame_count_error, minmax
 from featcache.errors import ImageReadError
 
 __all__ = ["MAX_PIXELS", "check_pixel_count", "declared_pixels", "max_pixels", "read_dicom_header"]
@@ -194,8 +195,7 @@ def _ts_text(ts: Any) -> str:
 
 
 def read_dicom(path: Path, frame: int | None) -> np.ndarray:
-    """Decode one DICOM image (see :func:`featcache.images.read_image` for the conventions)."""
-    from featcache.images import _frame_count_error
+    """Decode one DICOM image (see :func:`featcache.decode.images.read_image` for the conventions)."""
 
     try:
         import pydicom
@@ -231,7 +231,7 @@ def read_dicom(path: Path, frame: int | None) -> np.ndarray:
         )
 
     n = _int(ds, "NumberOfFrames", 1, path) or 1
-    err = _frame_count_error(path, n, frame)
+    err = frame_count_error(path, n, frame)
     if err is not None:
         raise err
     check_pixel_count(declared_pixels(ds, path, frames=1), path)
@@ -305,7 +305,6 @@ def _use_frame_groups(ds: Any, index: int) -> None:
 def _dicom_gray(arr: np.ndarray, ds: Any, index: int, invert: bool) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
-    from featcache.images import _minmax
 
     _use_frame_groups(ds, index)
     x = apply_modality_lut(arr, ds)
@@ -328,7 +327,7 @@ def _dicom_gray(arr: np.ndarray, ds: Any, index: int, invert: bool) -> np.ndarra
             lo = hi = None  # an invalid window (width < 1, unknown function): fall back to min-max
     x = np.asarray(x, dtype=np.float64)
     if lo is None or hi is None or not hi > lo:
-        out = _minmax(x)
+        out = minmax(x)
     else:
         out = np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     return 1.0 - out if invert else out

@@ -2,7 +2,7 @@
 inputs (a torch ``Dataset`` the decode workers run) and committing shards whole (a writer thread).
 
 Batches never straddle a shard; the writer buffers rows by shard and writes a shard's data, then its
-failures, then its status only once every row of it is in (``featcache.store`` commit protocol).
+failures, then its status only once every row of it is in (``featcache.store.feature_store`` commit protocol).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcache.decode.images import read_image
 from featcache.errors import ImageReadError
-from featcache.images import Preprocess, read_image
-from featcache.manifest import Manifest
-from featcache.store import ArraySpec, FeatureSet
+from featcache.store.feature_store import ArraySpec, FeatureSet
+from featcache.store.manifest import Manifest
+from featcache.store.preprocess import Preprocess
 
 
 class Images(torch.utils.data.Dataset):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from featcache.errors import StoreError
 
 if TYPE_CHECKING:
-    from featcache.store import FeatureSet
+    from featcache.store.feature_store import FeatureSet
 
 _HELD: list = []  # open lock files of this process (closed in forked decode workers)
 

@@ -1,6 +1,6 @@
 """Low-level pieces of the feature store: safe names, checksums, atomic creation, write errors.
 
-Nothing here knows the layout of a set; ``featcache.store`` builds on it. This
+Nothing here knows the layout of a set; ``featcache.store.feature_store`` builds on it. This
 module does not import torch.
 
 Fault points: every step that changes a store on disk calls ``fault_point(label)``
@@ -36,64 +36,6 @@ def fault_point(label: str) -> None:
     _events += 1
     if _fault_at and _events == _fault_at:
         os._exit(137)
-
-
-# ---- URLs (remote stores, image roots) ----
-
-
-def is_url(path: object) -> bool:
-    """Whether ``path`` is an fsspec URL (``s3://...``, ``gs://...``) other than a local ``file://`` one."""
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
-
-
-class UrlPath(str):
-    """An image root or image on an fsspec URL, carrying the file system's storage options.
-
-    A ``str`` (the URL itself, pickled with its options into decode workers) that joins like a
-    ``Path``: ``UrlPath("s3://bucket/images") / "a/1.png"`` is ``s3://bucket/images/a/1.png``.
-    ``featcache.images.read_image`` reads such a path's bytes through fsspec.
-    """
-
-    storage_options: dict
-
-    def __new__(cls, url: str, storage_options: dict | None = None) -> UrlPath:
-        self = super().__new__(cls, str(url).rstrip("/"))
-        self.storage_options = dict(storage_options or {})
-        return self
-
-    def __truediv__(self, rel: object) -> UrlPath:
-        return UrlPath(f"{self}/{str(rel).lstrip('/')}", self.storage_options)
-
-    def __reduce__(self):
-        return (UrlPath, (str(self), self.storage_options))
-
-    @property
-    def name(self) -> str:
-        """The last part of the URL."""
-        return self.rsplit("/", 1)[-1]
-
-    @property
-    def suffix(self) -> str:
-        """The file suffix of the last part (``.png``), or ''."""
-        return os.path.splitext(self.name)[1]
-
-    def fs(self):
-        """The fsspec file system and the path inside it."""
-        import fsspec
-
-        return fsspec.core.url_to_fs(str(self), **self.storage_options)
-
-
-def url_files(root: UrlPath) -> set[str] | None:
-    """The relative paths of every file under a URL root, from one listing (None: cannot list)."""
-    try:
-        fs, base = root.fs()
-        found = fs.find(base)
-    except Exception:
-        return None
-    base = base.rstrip("/") + "/"
-    return {f[len(base) :] for f in found if f.startswith(base)}
 
 
 # ---- names ----

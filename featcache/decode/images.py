@@ -20,38 +20,22 @@ Intensity conventions of :func:`read_image` (the output is always float32 in [0,
   rescale and window from their functional groups. Multi-frame files need ``frame=``; volumes are
   read elsewhere.
 
-:class:`Preprocess` (the model input) lives in :mod:`featcache.preprocess`, re-exported here.
+:class:`Preprocess` (the model input) lives in :mod:`featcache.store.preprocess`, re-exported here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from featcache.dicom import check_pixel_count
+from featcache.decode.common import frame_count_error, minmax
+from featcache.decode.dicom import check_pixel_count
 from featcache.errors import ImageReadError
-from featcache.preprocess import (  # re-exported: featcache.images.Preprocess is the public name
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INTERPOLATIONS,
-    PIPELINE,
-    RESIZE_MODES,
-    Preprocess,
-)
-from featcache.store_io import UrlPath, is_url
-
-if TYPE_CHECKING:
-    pass
+from featcache.urls import UrlPath, is_url
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INTERPOLATIONS",
-    "PIPELINE",
-    "RESIZE_MODES",
-    "Preprocess",
     "check_header",
     "is_dicom",
     "read_image",
@@ -111,7 +95,7 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
     path = _check_file(path)
     try:
         if is_dicom(path):
-            from featcache.dicom import read_dicom
+            from featcache.decode.dicom import read_dicom
 
             return read_dicom(path, frame)
         return _read_pil(path, frame)
@@ -171,7 +155,7 @@ def check_header(path: str | Path) -> None:
 
     Refuses what :func:`read_image` would refuse from the header alone: a missing, empty or folder
     path, an unrecognised format, several frames, more pixels than the decode limit
-    (``featcache.dicom.max_pixels``), a DICOM file without pixel data or with corrupt geometry. PNG
+    (``featcache.decode.dicom.max_pixels``), a DICOM file without pixel data or with corrupt geometry. PNG
     files also have their chunk checksums verified, which finds truncated and damaged files.
 
     Args:
@@ -182,13 +166,13 @@ def check_header(path: str | Path) -> None:
     """
     path = _check_file(path)
     if is_dicom(path):
-        from featcache.dicom import declared_pixels, read_dicom_header
+        from featcache.decode.dicom import declared_pixels, read_dicom_header
 
         ds = read_dicom_header(path)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
         n = declared_pixels(ds, path, frames=None) // max(1, declared_pixels(ds, path, frames=1))
-        err = _frame_count_error(path, n, None)
+        err = frame_count_error(path, n, None)
         if err is not None:
             raise err
         check_pixel_count(declared_pixels(ds, path, frames=1), path)
@@ -197,7 +181,7 @@ def check_header(path: str | Path) -> None:
 
     try:
         with Image.open(path) as im:
-            err = _frame_count_error(path, getattr(im, "n_frames", 1), None)
+            err = frame_count_error(path, getattr(im, "n_frames", 1), None)
             if err is not None:
                 raise err
             check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
@@ -236,7 +220,7 @@ def _read_url(url: UrlPath, frame: int | None) -> np.ndarray:
         if url.suffix.lower() in _DICOM_SUFFIXES or data[128:132] == b"DICM":
             import tempfile
 
-            from featcache.dicom import read_dicom
+            from featcache.decode.dicom import read_dicom
 
             with tempfile.TemporaryDirectory(prefix="featcache-dicom-") as tmp:
                 local = Path(tmp) / "image.dcm"
@@ -279,19 +263,6 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {what}"
 
 
-def _frame_count_error(path: Path, n: int, frame: int | None) -> ImageReadError | None:
-    if frame is None:
-        if n > 1:
-            return ImageReadError(
-                f"{path}: has {n} frames; extraction reads single images: expand a multi-frame DICOM with "
-                "`featcache volumes`, or save the frames as separate files (read_image(path, frame=i) reads one)"
-            )
-        return None
-    if not 0 <= frame < n:
-        return ImageReadError(f"{path}: frame {frame} is out of range; the file has {n} frame(s)")
-    return None
-
-
 def _read_pil(source: Path | Any, frame: int | None, name: str | None = None) -> np.ndarray:
     """Decode with Pillow from a file or a file-like ``source``; messages name ``name`` (default: the file)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -299,7 +270,7 @@ def _read_pil(source: Path | Any, frame: int | None, name: str | None = None) ->
     path = name if name is not None else source
     try:
         with Image.open(source) as im:
-            err = _frame_count_error(path, getattr(im, "n_frames", 1), frame)
+            err = frame_count_error(path, getattr(im, "n_frames", 1), frame)
             if err is not None:
                 raise err
             check_pixel_count(im.size[0] * im.size[1] * len(im.getbands()), path)
@@ -334,31 +305,24 @@ def _pil_to_float(im: Any, path: Path) -> np.ndarray:
         arr = np.asarray(im)
         if arr.dtype.kind == "u":
             return arr.astype(np.float32) / 65535.0
-        return _minmax(arr.astype(np.float64))
+        return minmax(arr.astype(np.float64))
     if mode == "I":
         arr = np.asarray(im)
         if arr.size and arr.min() >= 0 and arr.max() <= 65535:
             return arr.astype(np.float32) / 65535.0
-        return _minmax(arr.astype(np.float64))
+        return minmax(arr.astype(np.float64))
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise ImageReadError(f"{path}: float image contains NaN or infinite values")
         if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
             return np.array(arr, dtype=np.float32)
-        return _minmax(arr.astype(np.float64))
+        return minmax(arr.astype(np.float64))
     if mode in ("RGBA", "RGBX"):
         return np.asarray(im, dtype=np.float32)[..., :3] / 255.0
     if mode != "RGB":
         im = im.convert("RGB")  # palette (P, PA), CMYK, YCbCr, LAB, HSV, RGBa
     return np.asarray(im, dtype=np.float32) / 255.0
-
-
-def _minmax(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.float32)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
 def _mask_array(im: Any, path: Path) -> np.ndarray:

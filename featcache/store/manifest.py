@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import ManifestError
-from featcache.store_io import UrlPath, is_url, url_files
+from featcache.urls import UrlPath, is_url, url_files
 
 RESERVED = ("path", "id", "patient_id", "split", "label", "mask")
 SPLITS = ("train", "val", "test", "")

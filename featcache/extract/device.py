@@ -1,4 +1,4 @@
-"""The data path of one extraction batch on the compute device (used by ``featcache.extract``).
+"""The data path of one extraction batch on the compute device (used by ``featcache.extract.pipeline``).
 
 A batch from the decode workers is cut into micro-batches; each runs the backbone,
 has its features pooled and cast to the stored dtype *on the device*, and copied
@@ -25,8 +25,8 @@ import torch
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
-from featcache.launch import cpu_bf16_support
-from featcache.store import ArraySpec
+from featcache.extract.launch import cpu_bf16_support
+from featcache.store.feature_store import ArraySpec
 
 __all__ = ["GROW_AFTER", "BatchRunner", "MicroBatch", "Pending", "array_specs", "forward", "to_host"]
 

@@ -12,7 +12,7 @@ resized copy) has other bytes; finding those needs image similarity, which this 
 
 Cost: hashing reads every byte once (threads overlap cold reads; memory is one 1 MiB buffer per
 thread). Measured on the real films from the page cache, one core: 512 px Hannover PNGs (124 kB)
-2,600 files/s (325 MB/s) against 119 files/s for ``featcache.images.read_image`` of the same
+2,600 files/s (325 MB/s) against 119 files/s for ``featcache.decode.images.read_image`` of the same
 files (22x); 1024 px NIH PNGs 4,500 against 240 files/s (18x); 64 px thumbnails 15,600 against
 2,300 (7x). Hashing thus adds about 5% to a first extraction. So that a resumed or repeated run does
 not pay it again, a cache file (JSON, keyed by absolute path, size and mtime_ns) skips files that
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.errors import FeatcacheError, ManifestError
-from featcache.manifest import Manifest
+from featcache.store.manifest import Manifest
 
 __all__ = [
     "DuplicateGroup",
@@ -60,7 +60,7 @@ def file_digest(path: str | os.PathLike) -> str:
     Raises:
         FeatcacheError: the file cannot be read (named).
     """
-    from featcache.store_io import is_url
+    from featcache.urls import is_url
 
     h = hashlib.blake2b(digest_size=16)
     try:
@@ -84,7 +84,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def _stat(path, key: str) -> list:
     """[size, version] of a file: mtime_ns locally; for a URL (fsspec) its size and ETag or mtime."""
-    from featcache.store_io import is_url
+    from featcache.urls import is_url
 
     if not is_url(path):
         st = os.stat(key)
@@ -150,7 +150,7 @@ def hash_files(
     Raises:
         FeatcacheError: a file cannot be read.
     """
-    from featcache.store_io import is_url
+    from featcache.urls import is_url
 
     keys = [str(p) if is_url(p) else os.path.abspath(p) for p in paths]
     cache_path = Path(cache) if cache is not None else None

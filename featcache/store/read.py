@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from featcache import store_io
 from featcache.errors import StoreError
-from featcache.store_io import damaged
-from featcache.store_layout import PENDING
+from featcache.store import io as store_io
+from featcache.store.io import damaged
+from featcache.store.layout import PENDING
 
 # Chunk files this process has checked, by (device, inode, size, mtime): featcache replaces a
 # chunk by a rename (new inode), so an unchanged identity is an unchanged file and a second read

@@ -3,7 +3,7 @@
 ``featcache study run plan.toml`` extracts what is missing, runs every probe and writes the
 report; ``featcache study plan plan.toml --dry-run`` lists the steps and their GPU cost. This
 module reads and checks the plan and expands it into steps; the cost is in
-:mod:`featcache.study_cost`, the runner is :mod:`probes.study_run`. It imports neither torch nor ``probes``.
+:mod:`featcache.study.cost`, the runner is :mod:`probes.study_run`. It imports neither torch nor ``probes``.
 
 Schema (relative paths are relative to the plan file's folder; see also docs/STUDY.md)::
 
@@ -53,19 +53,15 @@ from typing import Any
 import tomllib
 
 from featcache.errors import FeatcacheError
-from featcache.study_cost import DEFAULT_MFU, DEFAULT_TFLOPS, estimate_cost, gflops_per_image, render_plan
 
 __all__ = [
-    "DEFAULT_MFU",
-    "DEFAULT_TFLOPS",
     "Extraction",
     "ProbeStep",
     "StudyError",
     "StudyPlan",
-    "estimate_cost",
     "load_plan",
+    "gflops_per_image",
     "plan_steps",
-    "render_plan",
     "step_key",
 ]
 
@@ -301,6 +297,16 @@ def _probe_settings(source: Path, name: str, raw: Any) -> dict[str, Any]:
     return s
 
 
+def gflops_per_image(model: str, res: int) -> float | None:
+    """Forward GFLOP per image of ``model`` (``random:NAME`` costs as NAME); None: not in the registry."""
+    from featcache.models import REGISTRY, model_flops
+
+    name = model[len("random:") :] if model.startswith("random:") else model
+    if name not in REGISTRY:
+        return None
+    return float(model_flops(REGISTRY.get(name), res))
+
+
 def load_plan(path: str | os.PathLike) -> StudyPlan:
     """Read and check a study plan TOML file (schema: the module docstring).
 
@@ -426,7 +432,7 @@ def plan_steps(plan: StudyPlan) -> tuple[list[Extraction], list[ProbeStep]]:
     Raises:
         StudyError: a model's FLOP cost cannot be computed for a known model, a manifest is bad.
     """
-    from featcache.manifest import read_manifest
+    from featcache.store.manifest import read_manifest
 
     extractions, steps = [], []
     for d in plan.datasets:

@@ -5,7 +5,7 @@ every N-th) as a PNG plus ``slices/manifest.csv``, a normal manifest that ``feat
 embeds as usual; probes pool slice features per volume at probe time (``probes.aggregate``), so
 one extraction serves every aggregation.
 
-The volume manifest has the columns of an image manifest (see ``featcache.manifest``), except that
+The volume manifest has the columns of an image manifest (see ``featcache.store.manifest``), except that
 ``path`` names a volume: a ``.nii``/``.nii.gz`` file, a folder holding one DICOM series (one file
 per slice), or a multi-frame DICOM file. ``mask`` (optional) names a label volume on the same voxel
 grid (NIfTI or DICOM, 0 background, k > 0 structure k), sliced identically.
@@ -62,9 +62,9 @@ from typing import Any
 
 import numpy as np
 
+from featcache.decode.volume import Volume, read_label_volume, read_volume, voxel_spacing
 from featcache.errors import FeatcacheError, ManifestError
-from featcache.manifest import Manifest, read_manifest, write_manifest
-from featcache.volume_io import Volume, read_label_volume, read_volume, voxel_spacing
+from featcache.store.manifest import Manifest, read_manifest, write_manifest
 
 __all__ = [
     "WINDOW_PRESETS",

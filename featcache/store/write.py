@@ -2,7 +2,7 @@
 
 Within a shard, data arrays are written first, then the failure reasons, then ``status``
 (the commit); every chunk is stored even when equal to the fill value, so a missing chunk
-means damage. Each write is a fault point (``featcache.store_io.fault_point``) and an
+means damage. Each write is a fault point (``featcache.store.io.fault_point``) and an
 OSError (full disk, read-only file system) becomes a one-line ``StoreError``. This module
 does not import torch.
 """
@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from featcache import store_io
 from featcache.errors import StoreError
-from featcache.locks import file_lock
-from featcache.manifest import Manifest
-from featcache.store_io import write_errors
-from featcache.store_layout import (
+from featcache.store import io as store_io
+from featcache.store.io import write_errors
+from featcache.store.layout import (
     _REPLACING,
     FAILED,
     OK,
@@ -31,6 +29,8 @@ from featcache.store_layout import (
     _write_manifest_columns,
     consolidate,
 )
+from featcache.store.locks import file_lock
+from featcache.store.manifest import Manifest
 
 
 class ShardWriter:
@@ -141,7 +141,7 @@ class ShardWriter:
             self.update_attrs(manifest_digest=_REPLACING + manifest.digest())
             _write_manifest_columns(self.group, manifest)
             new = {**self.attrs, **_manifest_attrs(manifest)}
-            from featcache.store_check import attrs_digest
+            from featcache.store.check import attrs_digest
 
             extra = {"attrs_digest": attrs_digest(_jsonable(new))} if self.attrs.get("attrs_digest") else {}
             self.update_attrs(**_manifest_attrs(manifest), **extra, manifest_updated=_now())  # the commit

@@ -3,18 +3,18 @@
 Decode workers (a torch DataLoader) read and preprocess images while the main
 thread runs the model in inference mode, and a writer thread buffers results
 by shard and commits each shard whole once all its rows are in (see
-``featcache.store``). Batches never straddle a shard, so a resumed run sees the
+``featcache.store.feature_store``). Batches never straddle a shard, so a resumed run sees the
 same batches as an uninterrupted one and writes identical arrays.
 
 On CUDA the model runs in bfloat16 (float16 where bf16 is not supported) with
 SDPA attention; features are cast to their stored dtype on the GPU and copied
 asynchronously to pinned host memory while the next batch computes; the
 micro-batch starts at ``batch_size``, halves on out-of-memory instead of
-crashing and grows back (see ``featcache.extract_device``). On CPU everything is
+crashing and grows back (see ``featcache.extract.device``). On CPU everything is
 float32 unless bfloat16 is asked for (``--dtype bf16``, only where the CPU has bf16 matmul
 instructions), and the model's threads default to the cores left beside the decode workers
-(``featcache.launch.set_threads``). Several workers (torchrun, SLURM, ``--num-shards``) share a
-set: see ``featcache.launch``.
+(``featcache.extract.launch.set_threads``). Several workers (torchrun, SLURM, ``--num-shards``) share a
+set: see ``featcache.extract.launch``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.dedup import refuse_cross_split_duplicates
+from featcache.datasets.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
-from featcache.extract_device import (
+from featcache.extract.device import (
     BatchRunner,
     MicroBatch,
     Pending,
@@ -43,9 +43,8 @@ from featcache.extract_device import (
     resolve_dtype,
     versions,
 )
-from featcache.extract_io import Images, ShardWriter, collate
-from featcache.images import Preprocess
-from featcache.launch import (
+from featcache.extract.io import Images, ShardWriter, collate
+from featcache.extract.launch import (
     WorkerSlice,
     balance_shard_rows,
     cpu_bf16_support,
@@ -54,9 +53,10 @@ from featcache.launch import (
     resolve_slice,
     set_threads,
 )
-from featcache.locks import close_inherited_locks
-from featcache.manifest import read_manifest
-from featcache.store import FeatureStore, default_shard_rows, extraction_lock
+from featcache.store.feature_store import FeatureStore, default_shard_rows, extraction_lock
+from featcache.store.locks import close_inherited_locks
+from featcache.store.manifest import read_manifest
+from featcache.store.preprocess import Preprocess
 
 TOKENS = ("cls", "pooled", "registers", "patch")
 
@@ -86,7 +86,7 @@ class ExtractConfig:
         layers: intermediate layers (``last4``, ``3,6,9``...) stored as ``layer_cls``/``layer_pooled``,
             and with ``patch`` in ``tokens`` also as ``layer_patch`` float16 [N, L, h, w, D].
         patch_pool: spatial average pooling factor of stored patch tokens (1 = none).
-        resize, interpolation: preprocessing (see ``featcache.images.Preprocess``).
+        resize, interpolation: preprocessing (see ``featcache.store.preprocess.Preprocess``).
         batch_size: images per batch (None: 64 on CUDA, 16 on CPU); halves on CUDA out-of-memory.
         workers: decode worker processes (None: up to 8, one core left for the model).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
@@ -95,9 +95,9 @@ class ExtractConfig:
         threads: torch threads of the model (None: cores minus decode workers, at least 1).
         seed: seed of a ``random:`` model.
         shard_rows: rows per shard (None: about 256 MiB per shard, smaller for a new set when
-            workers outnumber its shards, see ``featcache.launch.balance_shard_rows``).
+            workers outnumber its shards, see ``featcache.extract.launch.balance_shard_rows``).
         num_shards, shard_index: this worker's slice of the shards (None: from torchrun or SLURM,
-            else a single worker; see ``featcache.launch.resolve_slice`` for the precedence).
+            else a single worker; see ``featcache.extract.launch.resolve_slice`` for the precedence).
         on_error: ``skip`` (record the failure, go on) or ``fail`` (stop, naming the file).
         retry_failed: re-process rows that failed in an earlier run.
         compile: ``torch.compile`` the model.
@@ -156,7 +156,7 @@ class ExtractResult:
             patients, splits, labels or metadata (no re-embedding).
         world, rank: the number of workers writing the set and this one's index.
         shards: shards of the set; shards_mine: those this worker was given.
-        threads: the torch threads used (``featcache.launch.set_threads``).
+        threads: the torch threads used (``featcache.extract.launch.set_threads``).
         notes: choices made for the user (smaller shards, idle workers), each one line.
     """
 
@@ -205,15 +205,15 @@ def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> 
 
 
 def _worker_slice(cfg: ExtractConfig) -> WorkerSlice:
-    """This worker's slice of the shards (options, then torchrun, then SLURM; see ``featcache.launch``)."""
+    """This worker's slice of the shards (options, then torchrun, then SLURM; see ``featcache.extract.launch``)."""
     return resolve_slice(cfg.num_shards, cfg.shard_index)
 
 
-# decoding rows and committing shards live in featcache.extract_io; these names stay importable here
+# decoding rows and committing shards live in featcache.extract.io; these names stay importable here
 _Images, _collate, _Writer = Images, collate, ShardWriter
 
 
-# the per-batch data path lives in featcache.extract_device; these names stay importable from here
+# the per-batch data path lives in featcache.extract.device; these names stay importable from here
 _forward = forward
 _array_specs = array_specs
 
@@ -224,7 +224,7 @@ def _to_numpy(pending: Pending) -> dict[str, np.ndarray]:
     return pending.numpy()
 
 
-# the device, dtype and environment of a run are resolved in featcache.extract_device
+# the device, dtype and environment of a run are resolved in featcache.extract.device
 _resolve_device, _resolve_dtype, _versions, _device_name = (
     resolve_device,
     resolve_dtype,

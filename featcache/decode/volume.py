@@ -1,7 +1,7 @@
 """Reading 3D volumes: NIfTI files, DICOM series folders and multi-frame DICOM, in canonical RAS+.
 
 The conventions (orientation, series ordering, modality LUT, MONOCHROME1) are those described in
-:mod:`featcache.volumes`, which re-exports :class:`Volume`, :func:`read_volume` and
+:mod:`featcache.datasets.volumes`, which re-exports :class:`Volume`, :func:`read_volume` and
 :func:`read_label_volume`; this module only reads and reorients, it writes nothing.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.dicom import _pi_text, check_pixel_count, declared_pixels, read_dicom_header
+from featcache.decode.dicom import _pi_text, check_pixel_count, declared_pixels, read_dicom_header
 from featcache.errors import FeatcacheError, ImageReadError
 
 __all__ = ["Volume", "read_label_volume", "read_volume", "voxel_spacing"]

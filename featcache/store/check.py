@@ -20,7 +20,7 @@ import numpy as np
 from featcache.errors import StoreError
 
 if TYPE_CHECKING:
-    from featcache.store import FeatureSet
+    from featcache.store.feature_store import FeatureSet
 
 FORMAT_VERSIONS = (1, 2)  # 1: no checksums (still read); 2: crc32c on every chunk, atomic creation
 # attributes that define what a set's numbers mean: a hand edit of any is caught by ``attrs_digest``

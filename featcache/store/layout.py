@@ -1,6 +1,6 @@
 """How a feature set is laid out when created: constants, array specs, codecs, columns, attributes.
 
-See ``featcache.store`` for the layout itself. Every array gets a crc32c checksum on each
+See ``featcache.store.feature_store`` for the layout itself. Every array gets a crc32c checksum on each
 chunk (inside sharding: on each inner chunk and on the shard index). This module does not
 import torch.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from featcache import store_io
-from featcache.manifest import Manifest
+from featcache.store import io as store_io
+from featcache.store.manifest import Manifest
 
 PENDING, OK, FAILED = 0, 1, 2
 SET_MARKER = "featcache_set"
@@ -65,7 +65,7 @@ def default_shard_rows(arrays: dict[str, ArraySpec]) -> int:
 
 
 def _set_attrs(attrs, manifest: Manifest, arrays: dict[str, ArraySpec], n: int, rows: int) -> dict[str, Any]:
-    from featcache.store_check import attrs_digest
+    from featcache.store.check import attrs_digest
 
     full = {
         **attrs,

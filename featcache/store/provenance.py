@@ -1,7 +1,7 @@
 """How a feature set was made, read from its attributes in one place (no torch, no zarr).
 
 ``extract`` and ``import`` write the attributes; every consumer reads them through
-:meth:`featcache.store.FeatureSet.record` (a :class:`SetRecord`), so the rules for older sets (values
+:meth:`featcache.store.feature_store.FeatureSet.record` (a :class:`SetRecord`), so the rules for older sets (values
 kept only under ``config``) live here and nowhere else.
 """
 
