@@ -8,6 +8,7 @@ from PIL import Image
 
 from cli import featcache
 from featcache.demo import FINDINGS, make_demo_dataset, synth_chest
+from featcache.store.check import verify
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import read_manifest
 from probes.results import read_jsonl
@@ -40,7 +41,7 @@ def test_demo_command_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "report:" in result.output and "logreg" in result.output
     fs = FeatureStore(tmp_path / "cache").open_set()
-    assert fs.verify() == [] and fs.n == 40 and "patch" in fs.arrays()
+    assert verify(fs) == [] and fs.n == 40 and "patch" in fs.arrays()
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert {r["probe"] for r in rows} >= {"knn", "logreg", "fewshot"}
     means = [

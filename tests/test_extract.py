@@ -19,6 +19,7 @@ from featcache.decode.images import read_image
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
 from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.models import load_backbone
+from featcache.store.check import verify
 from featcache.store.feature_store import FAILED, OK, FeatureStore
 from featcache.store.manifest import write_manifest
 from featcache.store.preprocess import Preprocess
@@ -106,7 +107,7 @@ def test_stored_features_equal_direct_forward(tmp_path, model, res):
         direct = backbone(pixels)
     np.testing.assert_allclose(fs.read("cls"), direct["cls"].numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fs.read("pooled"), direct["pooled"].numpy(), rtol=1e-4, atol=1e-4)
-    assert fs.verify() == []
+    assert verify(fs) == []
     assert fs.attrs["provenance"]["source"] == "random"
     assert fs.attrs["config"]["res"] == res and fs.attrs["manifest_digest"]
 
@@ -221,7 +222,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, sig):
     subprocess.run([sys.executable, "-c", _RUNNER, str(manifest), str(killed)], check=True, cwd=REPO, env=env)
     a = FeatureStore(clean).open_set()
     b = FeatureStore(killed).open_set()
-    assert b.verify() == []
+    assert verify(b) == []
     assert b.ids.tolist() == a.ids.tolist()
     for key in ("cls", "pooled"):
         np.testing.assert_array_equal(a.read(key), b.read(key))

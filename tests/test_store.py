@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError, StoreError
+from featcache.store.check import verify
 from featcache.store.feature_store import (
     FAILED,
     OK,
@@ -195,20 +196,20 @@ def test_attrs_are_json(tmp_path, manifest):
 
 def test_verify_reports_problems(tmp_path, manifest):
     fs = FeatureStore(tmp_path / "c", mode="a").create_set("s", manifest, SPECS, {}, shard_rows=4)
-    assert any("10 of 10 row(s) pending" in p for p in fs.verify())
+    assert any("10 of 10 row(s) pending" in p for p in verify(fs))
     rng = np.random.default_rng(0)
     _fill(fs, rng)
-    assert fs.verify() == []
+    assert verify(fs) == []
     raw, stored = fs.bytes_per_row()["patch"]
     assert raw == 2 * 2 * 8 * 2 and stored is not None and stored > 0
     bad = {k: rng.standard_normal((4, *v.shape)).astype(v.dtype) for k, v in SPECS.items()}
     bad["cls"][1, 3] = np.nan
     fs.write_shard(1, bad, {6: "6.png: unreadable"})
-    problems = fs.verify()
+    problems = verify(fs)
     assert any("1 row(s) failed (first: 6.png: 6.png: unreadable)" in p for p in problems)
     assert any("'cls' has NaN or Inf in 1 rows" in p for p in problems)
     fs.group["labels"][0, 0] = 0.0  # tampering with the stored manifest is detected
-    assert any("manifest digest" in p for p in FeatureStore(tmp_path / "c").open_set("s").verify())
+    assert any("manifest digest" in p for p in verify(FeatureStore(tmp_path / "c").open_set("s")))
 
 
 def test_small_sets_are_not_padded_to_a_full_shard(tmp_path, manifest):
@@ -238,7 +239,7 @@ def test_new_splits_and_labels_for_the_same_images_need_no_re_embedding(tmp_path
     assert reopened.meta_names() == []  # the dropped meta column is gone
     assert reopened.attrs["manifest_digest"] == resplit.digest() == reopened.manifest_digest()
     np.testing.assert_array_equal(reopened.read("cls"), truth["cls"])
-    assert reopened.verify() == []
+    assert verify(reopened) == []
 
 
 def test_refused_run_leaves_the_manifest_alone_and_meta_changes_count(tmp_path, manifest):
@@ -283,13 +284,13 @@ def test_interrupted_replacement_is_refused_then_finished(tmp_path, manifest, mo
         fs.replace_manifest(new)
     monkeypatch.undo()
     half = FeatureStore(tmp_path / "c").open_set("s")
-    assert half.replacing and "interrupted" in half.verify()[0]
+    assert half.replacing and "interrupted" in verify(half)[0]
     with pytest.raises(FeatcacheError, match="interrupted"):
         load_probe_data(tmp_path / "c", "s")
     assert half.needs_manifest(manifest)  # even the old manifest must finish the replacement
     assert FeatureStore(tmp_path / "c", mode="a").open_set("s").replace_manifest(new)
     done = FeatureStore(tmp_path / "c").open_set("s")
-    assert not done.replacing and done.verify() == [] and done.splits.tolist() == cols["split"]
+    assert not done.replacing and verify(done) == [] and done.splits.tolist() == cols["split"]
 
 
 def test_workers_replacing_at_once_do_not_collide(tmp_path, manifest):

@@ -15,6 +15,7 @@ import pytest
 
 import featcache.store.layout as store_mod
 from featcache.errors import FeatcacheError, StoreError
+from featcache.store.check import verify
 from featcache.store.feature_store import OK, PENDING, ArraySpec, FeatureStore
 from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
@@ -67,7 +68,7 @@ def test_clean_set_passes_every_check(store):
     cache, _, data = store
     fs = FeatureStore(cache).open_checked()
     assert fs.usable == {"n": N, "ok": N, "failed": 0, "pending": 0}
-    assert fs.checksummed and fs.verify() == []
+    assert fs.checksummed and verify(fs) == []
     for k, v in data.items():
         np.testing.assert_array_equal(fs.read(k), v)
         np.testing.assert_array_equal(fs.read(k, np.array([9, 1, 5])), v[[9, 1, 5]])
@@ -98,7 +99,7 @@ def test_damaged_chunk_fails_every_read_with_one_line(store, array, damage):
         msg = _one_line(info.value)
         assert f"array '{array}', shard 1" in msg and "verify --repair" in msg, msg
     np.testing.assert_array_equal(fs.read(array, slice(0, 4)), data[array][:4])  # other shards still read
-    problems = fs.verify()
+    problems = verify(fs)
     assert any(p.startswith(f"array '{array}', shard 1") for p in problems), problems
     if array == "cls":
         with pytest.raises(StoreError, match="shard 1"):
@@ -113,10 +114,10 @@ def test_status_254_is_refused_and_repaired(store):
     fs._writable("status")[8:12] = st
     with pytest.raises(StoreError, match="status outside \\{0, 1, 2\\}.*first row 9"):
         FeatureStore(cache).open_checked()
-    problems = fs.verify()
+    problems = verify(fs)
     assert any("status outside" in p for p in problems)
     assert not fs.shard_done()[2]  # the next extraction redoes it instead of dropping the row
-    fs.verify(repair=True)
+    verify(fs, repair=True)
     assert (fs.status[8:12] == PENDING).all() and (fs.status[:8] == OK).all()
 
 
@@ -138,7 +139,7 @@ def test_edited_attributes_are_refused(store, edit, words):
     with pytest.raises(StoreError, match=words) as info:
         FeatureStore(cache).open_checked()
     assert "feature set 'm/x/32'" in _one_line(info.value)
-    assert any(pytest.importorskip("re").search(words, p) for p in FeatureStore(cache).open_set().verify())
+    assert any(pytest.importorskip("re").search(words, p) for p in verify(FeatureStore(cache).open_set()))
 
 
 def test_swapped_label_names_caught_without_attrs_digest(store):
@@ -209,7 +210,7 @@ def test_store_written_without_checksums_still_reads(tmp_path, monkeypatch):
     for k, v in data.items():
         np.testing.assert_array_equal(old.read(k), v)
         np.testing.assert_array_equal(old.read(k, slice(5, 11)), v[5:11])
-    assert old.verify() == []
+    assert verify(old) == []
     (tmp_path / "old" / "old" / "cls" / "c" / "1" / "0").unlink()  # still caught: rows are marked done
     with pytest.raises(StoreError, match="missing but its rows are marked done"):
         old.read("cls")

@@ -305,7 +305,6 @@ def _use_frame_groups(ds: Any, index: int) -> None:
 def _dicom_gray(arr: np.ndarray, ds: Any, index: int, invert: bool) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
-
     _use_frame_groups(ds, index)
     x = apply_modality_lut(arr, ds)
     lo = hi = None

@@ -69,7 +69,6 @@ def _run_task(cfg, array_index: int, array_count: int):
     """One SLURM task of a submitted array: its slice is ``array_index x tasks + task rank``."""
     import submitit
 
-
     job = submitit.JobEnvironment()
     tasks, rank = job.num_tasks, job.global_rank
     world, index = array_count * tasks, array_index * tasks + rank

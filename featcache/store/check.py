@@ -11,31 +11,18 @@ reader goes through before using a set's numbers. This module does not import to
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featcache.errors import StoreError
+from featcache.store.layout import attrs_digest
 
 if TYPE_CHECKING:
-    from featcache.store.feature_store import FeatureSet
+    from featcache.store.feature_set import FeatureSet
 
 FORMAT_VERSIONS = (1, 2)  # 1: no checksums (still read); 2: crc32c on every chunk, atomic creation
-# attributes that define what a set's numbers mean: a hand edit of any is caught by ``attrs_digest``
-_DEFINING = (
-    "config", "model", "model_spec", "res", "preprocessing", "tokens", "layers", "patch_pool", "provenance",
-    "n", "shard_rows", "arrays", "label_names", "task", "manifest_digest", "rows_digest", "columns_digest",
-    "format_version",
-)  # fmt: skip
 _VALID_STATUS = (0, 1, 2)
-
-
-def attrs_digest(attrs: dict[str, Any]) -> str:
-    """sha256 of the defining attributes (canonical JSON); recorded at creation as ``attrs_digest``."""
-    defining = {k: attrs.get(k) for k in _DEFINING}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _fix(fs: FeatureSet) -> str:
@@ -95,6 +82,17 @@ def attribute_problems(fs: FeatureSet) -> list[str]:
             "settings); restore them or re-extract into a new set"
         )
     return out
+
+
+def verify(fs: FeatureSet, repair: bool = False) -> list[str]:
+    """Read every chunk of every array and check it; returns the problems found (empty when all is well).
+
+    Checks the attributes against the arrays, the recorded manifest digest against the stored
+    columns, every chunk's checksum, that every row marked done has its chunks, status values
+    in {0, 1, 2}, no NaN/Inf in rows marked ok, no pending and no failed rows. With
+    ``repair``, shards holding damage are marked pending so the next extraction redoes them.
+    """
+    return verify_set(fs, repair=repair)[0]
 
 
 def verify_set(fs: FeatureSet, repair: bool = False) -> tuple[list[str], list[int]]:

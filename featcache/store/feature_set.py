@@ -6,7 +6,7 @@ The layout is described in :mod:`featcache.store.feature_store`. This module doe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -19,9 +19,6 @@ from featcache.store.read import ChunkReader, _codecs, _reason
 from featcache.store.write import ShardWriter
 from featcache.urls import UrlPath, is_url
 
-if TYPE_CHECKING:
-    from featcache.store.feature_store import FeatureStore
-
 
 class FeatureSet(ChunkReader, ShardWriter):
     """One feature set of a ``FeatureStore`` (see the module docstring for the layout).
@@ -33,7 +30,7 @@ class FeatureSet(ChunkReader, ShardWriter):
         shard_rows: rows per shard.
     """
 
-    def __init__(self, store: FeatureStore, name: str, group: zarr.Group):
+    def __init__(self, store: store_io.StoreLocation, name: str, group: zarr.Group):
         self.store = store
         self.name = name
         self.group = group
@@ -222,19 +219,6 @@ class FeatureSet(ChunkReader, ShardWriter):
         return done
 
     # ---- integrity and size ----
-
-    def verify(self, repair: bool = False) -> list[str]:
-        """Read every chunk of every array and check it; returns the problems found (empty when all is well).
-
-        Checks the attributes against the arrays, the recorded manifest digest against the stored
-        columns, every chunk's checksum, that every row marked done has its chunks, status values
-        in {0, 1, 2}, no NaN/Inf in rows marked ok, no pending and no failed rows. With
-        ``repair``, shards holding damage are marked pending so the next extraction redoes them
-        (see ``featcache.store.check``).
-        """
-        from featcache.store.check import verify_set
-
-        return verify_set(self, repair=repair)[0]
 
     @property
     def checksummed(self) -> bool:

@@ -18,6 +18,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,6 +26,19 @@ from featcache.errors import StoreError
 
 TMP_PREFIX = ".featcache-new-"  # a set being built; renamed into place when complete
 _GROUP_JSON = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+class StoreLocation(Protocol):
+    """What a feature set and its locks need of their store (``FeatureStore`` is one)."""
+
+    url: str
+    mode: str
+    root: Any  # the zarr root group
+    storage_options: dict
+
+    @property
+    def local_path(self) -> Path | None: ...
+
 
 _fault_at = int(os.environ.get("FEATCACHE_FAULT_AT", "0") or 0)
 _events = 0

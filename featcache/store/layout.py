@@ -7,6 +7,7 @@ import torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -38,6 +39,19 @@ _DIMENSIONS = {
 }
 _TARGET_SHARD_BYTES = 256 * 2**20
 
+# attributes that define what a set's numbers mean: a hand edit of any is caught by ``attrs_digest``
+_DEFINING = (
+    "config", "model", "model_spec", "res", "preprocessing", "tokens", "layers", "patch_pool", "provenance",
+    "n", "shard_rows", "arrays", "label_names", "task", "manifest_digest", "rows_digest", "columns_digest",
+    "format_version",
+)  # fmt: skip
+
+
+def attrs_digest(attrs: dict[str, Any]) -> str:
+    """sha256 of the defining attributes (canonical JSON); recorded at creation as ``attrs_digest``."""
+    defining = {k: attrs.get(k) for k in _DEFINING}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -65,8 +79,6 @@ def default_shard_rows(arrays: dict[str, ArraySpec]) -> int:
 
 
 def _set_attrs(attrs, manifest: Manifest, arrays: dict[str, ArraySpec], n: int, rows: int) -> dict[str, Any]:
-    from featcache.store.check import attrs_digest
-
     full = {
         **attrs,
         "n": n,

@@ -28,12 +28,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from featcache.errors import StoreError
+from featcache.store.io import StoreLocation
 
-if TYPE_CHECKING:
-    from featcache.store.feature_store import FeatureSet
+
+class LockedSet(Protocol):
+    """What a lock needs of a feature set: its name and its store's location."""
+
+    name: str
+    store: StoreLocation
+
 
 _HELD: list = []  # open lock files of this process (closed in forked decode workers)
 
@@ -95,7 +101,7 @@ def _remove_legacy_locks(set_folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(fs: FeatureSet, name: str) -> Iterator[None]:
+def file_lock(fs: LockedSet, name: str) -> Iterator[None]:
     """An exclusive, blocking flock on ``<store>.locks/<set>/<name>`` (no-op for remote stores)."""
     base = fs.store.local_path
     if base is None:
@@ -117,7 +123,7 @@ _SLICE_LOCK = re.compile(r"extract\.lock\.(\d+)-of-(\d+)$")
 
 
 @contextlib.contextmanager
-def extraction_lock(fs: FeatureSet, shard_index: int = 0, num_shards: int = 1) -> Iterator[None]:
+def extraction_lock(fs: LockedSet, shard_index: int = 0, num_shards: int = 1) -> Iterator[None]:
     """Refuse a second extraction into the same set (or the same worker slice) while one runs.
 
     A single-worker run holds an exclusive lock on the set; each of several workers holds a
@@ -192,7 +198,7 @@ def lock_timeout() -> float:
         return 600.0
 
 
-def remote_lock_url(fs: FeatureSet, name: str) -> str:
+def remote_lock_url(fs: LockedSet, name: str) -> str:
     """``<store URL>.locks/<set>/<name>``: beside the store, outside its Zarr hierarchy."""
     return f"{fs.store.url.rstrip('/')}{LOCKS_SUFFIX}/{fs.name}/{name}"
 
@@ -200,7 +206,7 @@ def remote_lock_url(fs: FeatureSet, name: str) -> str:
 class _RemoteLock:
     """One lock object: created exclusively, kept fresh by a heartbeat thread, deleted on release."""
 
-    def __init__(self, fs: FeatureSet, name: str):
+    def __init__(self, fs: LockedSet, name: str):
         import fsspec
 
         self.url = remote_lock_url(fs, name)
@@ -272,7 +278,7 @@ def _held_message(store_url: str, set_name: str, url: str, held: dict) -> str:
 
 @contextlib.contextmanager
 def remote_lock(
-    fs: FeatureSet, name: str, wait: bool = False, timeout: float = 120.0
+    fs: LockedSet, name: str, wait: bool = False, timeout: float = 120.0
 ) -> Iterator[_RemoteLock]:
     """Hold the lock object ``name`` of a remote set (``wait``: poll up to ``timeout`` s while it is fresh).
 
@@ -295,7 +301,7 @@ def remote_lock(
 
 
 @contextlib.contextmanager
-def remote_extraction_lock(fs: FeatureSet, shard_index: int, num_shards: int) -> Iterator[None]:
+def remote_extraction_lock(fs: LockedSet, shard_index: int, num_shards: int) -> Iterator[None]:
     """``extraction_lock`` for a remote set: the set's lock object, or the slice's for ``--num-shards``.
 
     A single run creates ``extract.lock``; a worker slice creates ``extract.lock.<i>-of-<n>``. Each

@@ -27,6 +27,7 @@ from featcache.store.layout import (
     _manifest_attrs,
     _now,
     _write_manifest_columns,
+    attrs_digest,
     consolidate,
 )
 from featcache.store.locks import file_lock
@@ -141,8 +142,6 @@ class ShardWriter:
             self.update_attrs(manifest_digest=_REPLACING + manifest.digest())
             _write_manifest_columns(self.group, manifest)
             new = {**self.attrs, **_manifest_attrs(manifest)}
-            from featcache.store.check import attrs_digest
-
             extra = {"attrs_digest": attrs_digest(_jsonable(new))} if self.attrs.get("attrs_digest") else {}
             self.update_attrs(**_manifest_attrs(manifest), **extra, manifest_updated=_now())  # the commit
             self._cache.clear()
