@@ -117,9 +117,8 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
         embedded = 0
     else:
         from featcache.models import load_backbone
-        from featcache.store.preprocess import Preprocess
 
-        pre = Preprocess.from_dict(fs.attrs["preprocessing"])
+        pre = fs.record.preprocess()
         backbone = load_backbone(MODEL, seed=0, device=torch.device("cpu"), dtype=torch.float32).eval()
         masks = seg._Masks(fs, fs.root, pre)
         size = min(pre.res, 4 * gh)

@@ -265,15 +265,17 @@ def info(cache: str, set_name: str | None, as_json: bool, storage_options: dict 
     if as_json:
         click.echo(json.dumps(fs.attrs, indent=2, sort_keys=True, default=str))
         return
-    a = fs.attrs
+    a, rec = fs.attrs, fs.record
     prov = a.get("provenance", {})
     click.echo(f"set:            {fs.name}")
     click.echo(
-        f"model:          {a.get('model')} ({prov.get('source', '?')}: {prov.get('weights', prov.get('model_id', '?'))})"
+        f"model:          {rec.model} ({prov.get('source', a.get('source', '?'))}: {rec.weights or '?'})"
     )
-    click.echo(f"resolution:     {a.get('res')} px; preprocessing {a.get('preprocessing')}")
     click.echo(
-        f"tokens:         {','.join(a.get('tokens', []))}; layers {a.get('layers') or '-'}; patch pool {a.get('patch_pool', 1)}"
+        f"resolution:     {rec.res} px; preprocessing {rec.preprocessing}; compute {rec.compute_dtype}"
+    )
+    click.echo(
+        f"tokens:         {','.join(rec.tokens)}; layers {list(rec.layers) or '-'}; patch pool {rec.patch_pool}"
     )
     click.echo(f"manifest:       {a.get('manifest')} (sha256 {str(a.get('manifest_digest'))[:16]}...)")
     click.echo(f"task:           {fs.task}; labels {fs.label_names or fs.class_names or '-'}")

@@ -406,7 +406,8 @@ def import_h5(
         attrs: dict[str, Any] = {
             "source": "imported",
             "imported": info,
-            "config": {"source": "imported", "sha256": digest, "arrays": targets},
+            "imported_from": {"sha256": digest, "arrays": targets},
+            "settings": ["source", "imported_from"],
             "model": origin.get("model", model),
             "res": origin.get("res", res),
         }

@@ -175,7 +175,7 @@ def pca_picture(
     not_ok = [ids[j] for j, r in enumerate(rows) if not fs.ok[r]]
     if not_ok:
         raise FeatcacheError(f"{fs.name}: ids {not_ok[:5]} were not extracted (failed or pending)")
-    pre = Preprocess.from_dict(fs.record.preprocessing or {})
+    pre = fs.record.preprocess()
     cell = int(cell or min(max(pre.res, 224), 512))
     if cell < 8:
         raise FeatcacheError(f"--cell {cell}: use at least 8 pixels")

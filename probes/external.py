@@ -10,7 +10,7 @@ whatever its split), and reports the same metrics with the same patient-level CI
 Rules:
 
 - **Same features.** The two sets must come from the same backbone: model, weights
-  (``attrs["provenance"]["weights"]``), resolution and preprocessing must be equal, and the
+  (``FeatureSet.record``), resolution and preprocessing must be equal, and the
   features probed must have the same width; otherwise the run is refused, naming what differs.
   Two sets from one manifest are refused too (that is internal validation: ``probes knn``).
 - **Shared labels.** Labels are matched by name, which is the shared vocabulary of

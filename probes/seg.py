@@ -346,10 +346,9 @@ def run_seg(
         choice = LayerChoice(features, None, ("last",), features)
     else:
         choice = resolve_layers(fs, layers)
-    pre_cfg = fs.record.preprocessing
-    if not pre_cfg:
+    if not fs.record.preprocessing:
         raise StoreError(f"{fs.name}: no preprocessing recorded; masks cannot be aligned with the patch grid")
-    pre = Preprocess.from_dict(pre_cfg)
+    pre = fs.record.preprocess()
     res = pre.res
     *_, gh, gw, dim = fs.shape(choice.array)
     n_layers = 1 if choice.positions is None else len(choice.positions)

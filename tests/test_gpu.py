@@ -101,8 +101,8 @@ def test_bf16_cuda_matches_float32_cpu(tmp_path, model, res):
         r = extract(cfg, progress=False)
         assert r.failed == 0 and r.pending == 0
         runs[device] = FeatureStore(tmp_path / device).open_set()
-    assert runs["cuda"].attrs["config"]["compute_dtype"] in ("bfloat16", "float16")
-    assert runs["cuda"].attrs["config"]["weights"] == runs["cpu"].attrs["config"]["weights"]
+    assert runs["cuda"].record.compute_dtype in ("bfloat16", "float16")
+    assert runs["cuda"].record.weights == runs["cpu"].record.weights
     for key in ("cls", "pooled"):
         assert _cos(runs["cpu"].read(key), runs["cuda"].read(key)).min() > 0.99
     a = runs["cpu"].read("patch").astype(np.float32).reshape(-1, runs["cpu"].shape("patch")[-1])

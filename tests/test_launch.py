@@ -231,8 +231,8 @@ def test_cpu_bf16_is_opt_in_recorded_and_close_to_float32(tmp_path, manifest):
     extract(_cfg(manifest, tmp_path / "f"), progress=False)
     extract(_cfg(manifest, tmp_path / "b", dtype="bf16"), progress=False)
     f, b = FeatureStore(tmp_path / "f").open_checked(), FeatureStore(tmp_path / "b").open_checked()
-    assert f.attrs["config"]["compute_dtype"] == "float32"  # the default on CPU
-    assert b.attrs["config"]["compute_dtype"] == "bfloat16" and b.attrs["cpu_bf16"]
+    assert f.record.compute_dtype == "float32"  # the default on CPU
+    assert b.record.compute_dtype == "bfloat16" and b.attrs["cpu_bf16"]
     x, y = f.read("cls"), b.read("cls")
     assert np.abs(x - y).max() < 0.1 * np.abs(x).max()  # bf16 keeps ~3 significant digits
     assert np.abs(x - y).max() > 0  # it really ran in bf16

@@ -26,7 +26,7 @@ def _films(root, n=4):
     return write_manifest(root / "m.csv", {"path": paths, "split": ["train", "train", "test", "test"]})
 
 
-def _input_from_record(path, rec: dict) -> torch.Tensor:
+def _input_from_record(path, rec: dict, res: int) -> torch.Tensor:
     """The model input as the recorded preprocessing describes it (squash, bicubic), with no featcache code."""
     assert rec["resize"] == "squash" and rec["interpolation"] == "bicubic"
     assert (
@@ -34,7 +34,7 @@ def _input_from_record(path, rec: dict) -> torch.Tensor:
         and rec["pipeline"]["clamp"] == "to [0, 1] after the resize"
     )
     x = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255.0)[None, None]  # [1, 1, H, W]
-    x = F.interpolate(x, size=(rec["res"], rec["res"]), mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(res, res), mode="bicubic", align_corners=False, antialias=True)
     x = x.clamp(0.0, 1.0)[0].expand(3, -1, -1)
     mean = torch.tensor(rec["mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(rec["std"], dtype=torch.float32).view(3, 1, 1)
@@ -49,8 +49,9 @@ def test_cls_rebuilt_from_the_recorded_preprocessing_is_bit_identical(tmp_path, 
     )
     r = extract(cfg, progress=False)
     fs = FeatureStore(tmp_path / "c").open_set(r.set_name)
-    rec = fs.attrs["preprocessing"]
-    pixels = torch.stack([_input_from_record(tmp_path / p, rec) for p in fs.paths])
+    rec, res = fs.attrs["preprocessing"], fs.attrs["res"]  # each recorded once
+    assert "res" not in rec and "config" not in fs.attrs
+    pixels = torch.stack([_input_from_record(tmp_path / p, rec, res) for p in fs.paths])
     hf = load_backbone(model, seed=0).model  # the transformers module itself: weights only
     saved = torch.get_num_threads()
     torch.set_num_threads(fs.attrs["threads"]["intra"])  # the recorded threads: the same summation order

@@ -532,7 +532,7 @@ def _refit(cache: Path, epochs: int):
     """The probe run_seg fits, refitted here from the stored tokens with independently built targets."""
     fs = FeatureStore(cache).open_set()
     splits, X = fs.splits, fs.read("patch")
-    pre = Preprocess.from_dict(fs.attrs["preprocessing"])
+    pre = fs.record.preprocess()
 
     def nearest(n_in, n_out):
         return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)

@@ -107,14 +107,35 @@ def test_write_shard_checks_rows(tmp_path, manifest):
 
 def test_reopen_same_settings_and_refuse_other(tmp_path, manifest):
     store = FeatureStore(tmp_path / "c", mode="a")
-    cfg = {"config": {"model": "a", "res": 64}}
+    cfg = {"model": "a", "res": 64, "device": "cpu", "settings": ["model", "res"]}
     fs = store.create_set("s", manifest, SPECS, cfg, shard_rows=4)
-    assert store.create_set("s", manifest, SPECS, cfg).shard_rows == fs.shard_rows
+    assert "config" not in fs.attrs and fs.attrs["settings"] == ["model", "res"]
+    # a value that is not a setting (the device) may differ on resume
+    assert store.create_set("s", manifest, SPECS, {**cfg, "device": "cuda:0"}).shard_rows == fs.shard_rows
     with pytest.raises(StoreError, match="other settings.*res: stored 64 vs now 128"):
-        store.create_set("s", manifest, SPECS, {"config": {"model": "a", "res": 128}})
+        store.create_set("s", manifest, SPECS, {**cfg, "res": 128})
     other = read_manifest(write_manifest(tmp_path / "o.csv", {"path": ["0.png"]}))
     with pytest.raises(StoreError, match="manifest with other images"):
         store.create_set("s", other, SPECS, cfg)
+
+
+def test_a_set_made_before_is_resumed_on_the_settings_it_kept_under_config(tmp_path, manifest):
+    store = FeatureStore(tmp_path / "c", mode="a")
+    prep = {"res": 64, "resize": "squash", "interpolation": "bicubic"}  # res inside, no pipeline
+    old = {
+        "config": {"model": "a", "res": 64, "weights": "w", "preprocessing": prep},
+        "model": "a",
+        "res": 64,
+    }
+    store.create_set("s", manifest, SPECS, old, shard_rows=4)
+    now = {
+        "model": "a", "res": 64, "weights": "w", "compute_dtype": "float32",
+        "preprocessing": {"resize": "squash", "interpolation": "bicubic", "pipeline": {"clamp": "to [0, 1]"}},
+        "settings": ["model", "res", "weights", "preprocessing", "compute_dtype"],
+    }  # fmt: skip
+    assert store.create_set("s", manifest, SPECS, now).attrs["config"] == old["config"]
+    with pytest.raises(StoreError, match="weights: stored 'w' vs now 'v'"):
+        store.create_set("s", manifest, SPECS, {**now, "weights": "v"})
 
 
 def test_open_errors(tmp_path, manifest):

@@ -71,6 +71,10 @@ def _cpu_oom(e: BaseException) -> bool:
     )
 
 
+# the attributes that define a set's content: a resumed run must agree on each
+SETTINGS = ("model", "weights", "res", "preprocessing", "tokens", "layers", "patch_pool", "compute_dtype")
+
+
 @dataclass
 class ExtractConfig:
     """Everything that defines one extraction run.
@@ -331,27 +335,20 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         )
 
     name = cfg.name or default_set_name(cfg.data, cfg.model, cfg.res)
-    config = {
+    preprocessing = preprocess.to_dict()
+    del preprocessing["res"]  # the set's res, recorded once beside it
+    attrs = {
         "model": cfg.model,
+        "model_spec": spec.name,
         "weights": backbone.provenance.get("weights"),
         "res": cfg.res,
-        # the settings decide compatibility on resume; the fixed steps are recorded beside (attrs)
-        "preprocessing": {k: v for k, v in preprocess.to_dict().items() if k != "pipeline"},
+        "preprocessing": preprocessing,
         "tokens": list(tokens),
         "layers": layers,
         "patch_pool": cfg.patch_pool,
         "compute_dtype": str(dtype).replace("torch.", ""),
-    }
-    attrs = {
-        "config": config,
-        "model": cfg.model,
-        "model_spec": spec.name,
-        "res": cfg.res,
-        "provenance": backbone.provenance,
-        "preprocessing": preprocess.to_dict(),
-        "tokens": list(tokens),
-        "layers": layers,
-        "patch_pool": cfg.patch_pool,
+        "settings": list(SETTINGS),
+        "provenance": {k: v for k, v in backbone.provenance.items() if k != "weights"},  # weights: above
         "versions": _versions(),
         "device": _device_name(device),
         "duplicates": {

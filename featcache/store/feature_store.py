@@ -237,9 +237,9 @@ class FeatureStore:
             name: set name, e.g. ``nih/dinov3-vitb16/512``.
             manifest: the validated manifest; its columns are copied into the set.
             arrays: feature array name -> per-row ``ArraySpec``.
-            attrs: provenance attributes. The keys in ``attrs["config"]`` are the settings that
-                define the set's content (model, weights, resolution, preprocessing, tokens...);
-                reopening with different ones is refused.
+            attrs: provenance attributes, each written once. ``attrs["settings"]`` names those
+                that define the set's content (model, weights, resolution, preprocessing,
+                tokens...); reopening with different values of any is refused.
             shard_rows: rows per shard (default: ``default_shard_rows(arrays)``; at most N). Asking
                 for another value than an existing set's is refused.
 
@@ -253,11 +253,10 @@ class FeatureStore:
         if self.mode != "a":
             raise StoreError(f"{self.url}: store opened read-only")
         name = check_set_name(name, self.url)
-        config = attrs.get("config", {})
         if shard_rows is not None and int(shard_rows) <= 0:
             raise StoreError("shard rows must be positive")
         if self.has_set(name):
-            return self._open_compatible(name, manifest, config, arrays, shard_rows)
+            return self._open_compatible(name, manifest, attrs, arrays, shard_rows)
         n = len(manifest)
         rows = min(int(shard_rows or default_shard_rows(arrays)), max(1, n))  # edge chunks are full size
         full_attrs = _set_attrs(attrs, manifest, arrays, n, rows)
@@ -269,7 +268,7 @@ class FeatureStore:
             final = base / name
             if final.is_dir() and any(final.iterdir()):
                 if self.has_set(name):  # another worker published it since the check above
-                    return self._open_compatible(name, manifest, config, arrays, shard_rows)
+                    return self._open_compatible(name, manifest, attrs, arrays, shard_rows)
                 raise StoreError(
                     f"{final}: a folder that is not a complete feature set is in the way (left by an older "
                     f"featcache killed while creating it?); delete {final} and re-run"
@@ -285,27 +284,27 @@ class FeatureStore:
                     import shutil
 
                     shutil.rmtree(tmp, ignore_errors=True)
-        return self._open_compatible(name, manifest, config, arrays, shard_rows)
+        return self._open_compatible(name, manifest, attrs, arrays, shard_rows)
 
-    def _open_compatible(self, name, manifest, config, arrays, shard_rows) -> FeatureSet:
+    def _open_compatible(self, name, manifest, attrs, arrays, shard_rows) -> FeatureSet:
         fs = self.open_set(name)
-        fs._check_compatible(manifest, config, arrays, shard_rows)
+        fs._check_compatible(manifest, attrs, arrays, shard_rows)
         return fs
 
     def _create_in_place(self, name, manifest, arrays, full_attrs, rows, shard_rows) -> FeatureSet:
         try:
             g = self.root.create_group(name)
         except Exception:  # another worker created it first: wait until it is ready, then check it
-            return self._wait_for_set(name, manifest, full_attrs.get("config", {}), arrays, shard_rows)
+            return self._wait_for_set(name, manifest, full_attrs, arrays, shard_rows)
         _build_set(g, manifest, arrays, full_attrs, rows)
         consolidate(self.root.store, name)
         return FeatureSet(self, name, self._group(name))
 
-    def _wait_for_set(self, name, manifest, config, arrays, shard_rows, timeout: float = 120.0) -> FeatureSet:
+    def _wait_for_set(self, name, manifest, attrs, arrays, shard_rows, timeout: float = 120.0) -> FeatureSet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.has_set(name):
-                return self._open_compatible(name, manifest, config, arrays, shard_rows)
+                return self._open_compatible(name, manifest, attrs, arrays, shard_rows)
             time.sleep(0.5)
         raise StoreError(
             f"{self.url}: feature set '{name}' exists but is incomplete (its creation on this remote store "

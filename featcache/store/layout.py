@@ -45,11 +45,15 @@ _DEFINING = (
     "n", "shard_rows", "arrays", "label_names", "task", "manifest_digest", "rows_digest", "columns_digest",
     "format_version",
 )  # fmt: skip
+# defining too, digested only when present so that the digests of sets made before still hold:
+# the settings' names and the values that older sets kept only under "config"
+_DEFINING_ADDED = ("settings", "weights", "compute_dtype", "imported_from")
 
 
 def attrs_digest(attrs: dict[str, Any]) -> str:
     """sha256 of the defining attributes (canonical JSON); recorded at creation as ``attrs_digest``."""
     defining = {k: attrs.get(k) for k in _DEFINING}
+    defining.update({k: attrs[k] for k in _DEFINING_ADDED if k in attrs})
     return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -180,7 +180,7 @@ class ShardWriter:
             consolidate(self.store.root.store, self.name)
 
     def _check_compatible(
-        self, manifest: Manifest, config: dict, arrays: dict[str, ArraySpec], shard_rows: int | None = None
+        self, manifest: Manifest, attrs: dict, arrays: dict[str, ArraySpec], shard_rows: int | None = None
     ) -> None:
         if shard_rows is not None and min(int(shard_rows), max(1, self.n)) != self.shard_rows:
             raise StoreError(
@@ -194,12 +194,13 @@ class ShardWriter:
                 f"{self.store.url}: feature set '{self.name}' was made from a manifest with other images "
                 f"({self.attrs.get('manifest')}); use another --out or --name, or delete the set"
             )
-        stored = self.attrs.get("config", {})
-        diff = sorted(
-            k for k in set(stored) | set(config) if _jsonable(stored.get(k)) != _jsonable(config.get(k))
-        )
+        stored, now = defining_settings(self.attrs), defining_settings(attrs)
+        if "settings" not in self.attrs:  # an older set: compare on what it kept under "config"
+            flat = {**now, **(now.get("imported_from") or {})}
+            now = {k: flat.get(k) for k in stored}
+        diff = sorted(k for k in set(stored) | set(now) if _jsonable(stored.get(k)) != _jsonable(now.get(k)))
         if diff:
-            detail = ", ".join(f"{k}: stored {stored.get(k)!r} vs now {config.get(k)!r}" for k in diff[:4])
+            detail = ", ".join(f"{k}: stored {stored.get(k)!r} vs now {now.get(k)!r}" for k in diff[:4])
             raise StoreError(
                 f"{self.store.url}: feature set '{self.name}' was extracted with other settings ({detail}); "
                 "use another --out or --name"
@@ -209,3 +210,19 @@ class ShardWriter:
             raise StoreError(
                 f"{self.store.url}: feature set '{self.name}' holds other arrays; use another --name"
             )
+
+
+def defining_settings(attrs: dict) -> dict:
+    """The settings that define a set's content, as compared when a set is reopened to resume.
+
+    ``attrs["settings"]`` names them (each value is written once, at the top level); sets made
+    before kept a copy under ``config``. The preprocessing is compared on its settings: its
+    resolution is ``res`` and its fixed steps (``pipeline``) are checked when it is read.
+    """
+    keys = attrs.get("settings")
+    values = dict(attrs.get("config") or {}) if keys is None else {k: attrs.get(k) for k in keys}
+    if isinstance(values.get("preprocessing"), dict):
+        values["preprocessing"] = {
+            k: v for k, v in values["preprocessing"].items() if k not in ("res", "pipeline")
+        }
+    return values
