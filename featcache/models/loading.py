@@ -3,7 +3,8 @@
 ``load_backbone`` is the one entry point. Weights are read only from
 safetensors files, with the concrete transformers class of the family (never
 ``trust_remote_code``), and every backbone comes back frozen, in eval mode,
-with a provenance record that the feature store keeps.
+with a provenance record that the feature store keeps. Finding and
+downloading hub checkpoints is ``featcache.models.hub``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from featcache.errors import ModelLoadError
 from featcache.models.backbone import Backbone
 from featcache.models.checkpoint_spec import _compare, _match, _placeholder
+from featcache.models.hub import fetch_snapshot, first_line
 from featcache.models.registry import FAMILIES, ModelSpec, Registry
 
 __all__ = ["build_model", "load_backbone"]
@@ -45,14 +47,6 @@ _MODEL_TYPES = {
     "sam": "sam",
     "sam_vision_model": "sam",
 }
-# the files a checkpoint needs; other weight formats in a repository are never downloaded
-_HUB_FILES = [
-    "config.json",
-    "preprocessor_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*-of-*.safetensors",
-]
 # weights a checkpoint may lack without harm: unused heads and training-only tokens
 _OPTIONAL_WEIGHTS = re.compile(r"(^|\.)(pooler|mask_token)(\.|$)")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -130,11 +124,11 @@ def load_backbone(
         else:
             spec = _spec_for(text, registry)
             if spec is None:  # a hub repository that is not in the registry: family from its config
-                snapshot = _fetch(text, text, False, revision, cache_dir)
+                snapshot = fetch_snapshot(text, text, False, revision, cache_dir)
                 spec, net, prov = _load_folder(snapshot, None, registry, dtype, attn_implementation, device)
                 prov.update(source="hub", model_id=text, revision=snapshot.name)
             else:
-                snapshot = _fetch(spec.hub_id, spec.name, spec.gated, revision, cache_dir)
+                snapshot = fetch_snapshot(spec.hub_id, spec.name, spec.gated, revision, cache_dir)
                 spec, net, prov = _load_folder(snapshot, spec, registry, dtype, attn_implementation, device)
                 prov.update(source="hub", model_id=spec.hub_id, revision=snapshot.name)
         net = net.to(device)  # a no-op when the weights were read onto the device
@@ -184,7 +178,7 @@ def build_model(
         try:
             net = cls._from_config(config, **kwargs)
         except (ValueError, ImportError) as e:
-            raise ModelLoadError(f"cannot build {spec.name}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot build {spec.name}: {first_line(e)}") from e
     return net
 
 
@@ -225,75 +219,6 @@ def _attn_kwargs(cls, attn_implementation: str | None) -> dict[str, str]:
     return {"attn_implementation": attn_implementation}
 
 
-def _offline() -> bool:
-    truthy = {"1", "true", "yes", "on"}
-    if any(
-        os.environ.get(k, "").strip().lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    ):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache(cache_dir: str | os.PathLike | None) -> Path:
-    # read the environment now, not at import time, so HF_HOME set later still applies
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-def _fetch(
-    hub_id: str, name: str, gated: bool, revision: str | None, cache_dir: str | os.PathLike | None
-) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
-
-    cache = _hub_cache(cache_dir)
-    offline = _offline()
-    try:
-        path = snapshot_download(
-            hub_id,
-            revision=revision,
-            cache_dir=cache,
-            allow_patterns=_HUB_FILES,
-            local_files_only=offline,
-        )
-    except Exception as e:  # hub errors come in many types (offline, gated, HTTP, missing revision)
-        gated = gated or isinstance(e, GatedRepoError)
-        if offline:
-            reason = "HF_HUB_OFFLINE is set"
-        elif isinstance(e, GatedRepoError):
-            reason = "access to the gated repository was refused"
-        elif isinstance(e, LocalEntryNotFoundError):
-            reason = "the hub is unreachable"
-        else:
-            reason = f"{type(e).__name__}: {_first_line(e)}"
-        at = f"@{revision}" if revision else ""
-        msg = (
-            f"weights of {name} ({hub_id}{at}) are not in the Hugging Face cache {cache} and could not be "
-            f"downloaded ({reason}): run `hf download {hub_id}` (or `huggingface-cli download {hub_id}`) "
-            "where the hub is reachable and retry, or pass --model /path/to/folder"
-        )
-        if gated:
-            msg += (
-                f"; the repository is gated: accept the licence at https://huggingface.co/{hub_id} "
-                "and log in with `hf auth login` (or set HF_TOKEN) before downloading"
-            )
-        raise ModelLoadError(msg) from e
-    return Path(path)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -302,7 +227,7 @@ def _read_json(path: Path) -> dict[str, Any]:
             f"{path} is not valid JSON ({e.msg} at line {e.lineno}): re-download the checkpoint or fix the file"
         ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} does not hold a JSON object: re-download the checkpoint")
     return data
@@ -368,7 +293,7 @@ def _load_folder(
         config = cls.config_class.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - config classes raise many types for bad values
         raise ModelLoadError(
-            f"{config_path} is not a valid {cls.config_class.__name__}: {_first_line(e)}"
+            f"{config_path} is not a valid {cls.config_class.__name__}: {first_line(e)}"
         ) from None
 
     if expected is not None:
@@ -421,7 +346,7 @@ def _load_folder(
         net, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - missing, pickled-only or corrupt weights
         raise ModelLoadError(
-            f"cannot load weights from {folder}: {_first_line(e)} (featcache reads only safetensors: "
+            f"cannot load weights from {folder}: {first_line(e)} (featcache reads only safetensors: "
             "model.safetensors or sharded model-*.safetensors)"
         ) from None
     finally:

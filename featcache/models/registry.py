@@ -3,9 +3,10 @@
 A ``ModelSpec`` says everything featcache needs to know about a backbone before
 any weights are read: where the weights live, which transformers class builds
 it, the exact architecture config, token layout and input normalisation. The
-catalogue of released backbones is in ``featcache.models.zoo`` and is loaded
-into ``REGISTRY``; tests build their own ``Registry`` so they never add entries
-to the global one.
+catalogue of released backbones is in ``featcache.models.zoo`` (which imports
+this module, never the other way round) and is loaded into ``REGISTRY``,
+importable from ``featcache.models``; tests build their own ``Registry`` so
+they never add entries to the global one.
 
 This module does not import torch or transformers.
 """
@@ -212,13 +213,3 @@ class Registry:
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs())
-
-
-def __getattr__(name: str):
-    # REGISTRY lives in zoo.py (it imports this module); resolve it lazily so
-    # ``from featcache.models.registry import REGISTRY`` also works.
-    if name == "REGISTRY":
-        from featcache.models.zoo import REGISTRY
-
-        return REGISTRY
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
