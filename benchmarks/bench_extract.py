@@ -24,14 +24,14 @@ import torch
 
 from featcache.decode.images import read_image
 from featcache.demo import make_demo_dataset
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.models import load_backbone
 from featcache.store.manifest import read_manifest
 from featcache.store.preprocess import Preprocess
 
 _PEAK = """
 import resource, sys
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 extract(ExtractConfig(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], res=int(sys.argv[4]), workers=1,
                       shard_rows=64), progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)

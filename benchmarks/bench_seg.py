@@ -218,7 +218,7 @@ def main() -> None:
     import torch
 
     from featcache.demo import make_demo_dataset
-    from featcache.extract.pipeline import ExtractConfig, extract
+    from featcache.extract import ExtractConfig, extract
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-seg-"))

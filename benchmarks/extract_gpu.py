@@ -43,7 +43,8 @@ from PIL import Image
 import featcache.extract.device as exd
 import featcache.models as fm
 from featcache.demo import synth_chest
-from featcache.extract.pipeline import ExtractConfig, _collate, _Images, extract
+from featcache.extract import ExtractConfig, extract
+from featcache.extract.io import Images, collate
 from featcache.models import REGISTRY, load_backbone, model_flops
 from featcache.store.manifest import read_manifest, write_manifest
 from featcache.store.preprocess import Preprocess
@@ -170,8 +171,8 @@ def _manifest(folder: Path, n: int) -> Path:
 
 def _decode_only(manifest, res, workers, batch, device) -> tuple[float, float]:
     loader = torch.utils.data.DataLoader(
-        _Images(read_manifest(manifest), Preprocess(res=res)),
-        batch_size=batch, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        Images(read_manifest(manifest), Preprocess(res=res)),
+        batch_size=batch, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )  # fmt: skip
     t0 = time.perf_counter()

@@ -154,8 +154,8 @@ def extract(storage_options: dict | None = None, **kw) -> None:
     """
     quiet = kw.pop("quiet")
     try:  # Ctrl-C while torch is still importing is an interruption too (exit 130, not "Aborted!")
-        from featcache.extract.pipeline import ExtractConfig
-        from featcache.extract.pipeline import extract as run_extract
+        from featcache.extract import ExtractConfig
+        from featcache.extract import extract as run_extract
 
         cfg = ExtractConfig(
             model=kw["model"], data=kw["data"], out=kw["out"], res=kw["res"], root=kw["root"], name=kw["name"],

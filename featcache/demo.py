@@ -142,7 +142,7 @@ def demo_extract(out: str | Path, model: str = "random:dinov3-vits16", res: int 
         Lines of text describing each step; the last value yielded is the extraction's result
         (:class:`featcache.extract.pipeline.ExtractResult`), not a line.
     """
-    from featcache.extract.pipeline import ExtractConfig, extract
+    from featcache.extract import ExtractConfig, extract
 
     out = Path(out)
     manifest = make_demo_dataset(out / "data", n_patients=n_patients)

@@ -111,7 +111,7 @@ def complete_sets(plan: StudyPlan, extractions: list[Extraction]) -> set[str]:
 def _extract(plan: StudyPlan, e: Extraction, quiet: bool) -> None:
     from dataclasses import fields
 
-    from featcache.extract.pipeline import ExtractConfig, extract
+    from featcache.extract import ExtractConfig, extract
 
     d = next(d for d in plan.datasets if d.name == e.dataset)
     x = plan.extract

@@ -45,7 +45,7 @@ def one_thread():
 
 
 def _extract(manifest: Path, out: Path, res: int, root: Path | None, layers: str | None = None) -> Path:
-    from featcache.extract.pipeline import ExtractConfig, extract
+    from featcache.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(
         model=MODEL, data=str(manifest), out=str(out), res=res, root=None if root is None else str(root),

@@ -17,7 +17,7 @@ from PIL import Image
 
 from featcache.decode.images import read_image
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.models import load_backbone
 from featcache.store.check import verify
 from featcache.store.feature_store import FAILED, OK, FeatureStore
@@ -185,7 +185,7 @@ def test_workers_write_disjoint_shards(tmp_path):
 
 _RUNNER = """
 import sys
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 cfg = ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32, workers=0,
                     shard_rows=2, batch_size=1)
 extract(cfg, progress=False)

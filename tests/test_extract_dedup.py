@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from featcache.errors import FeatcacheError
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import write_manifest
 

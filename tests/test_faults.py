@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.errors import FeatcacheError, StoreError
-from featcache.extract.pipeline import ExtractConfig, ExtractionAborted, extract
+from featcache.errors import ExtractionAborted, FeatcacheError, StoreError
+from featcache.extract import ExtractConfig, extract
 from featcache.store import io as store_io
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import read_manifest, write_manifest
@@ -225,12 +225,12 @@ _DIE = (
     + """
 import os, signal, sys
 import featcache.extract.pipeline as ex
-real = ex._Images.__getitem__
+real = ex.Images.__getitem__
 def die(self, i):
     if i == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel does at a memory or file-size limit
     return real(self, i)
-ex._Images.__getitem__ = die
+ex.Images.__getitem__ = die
 from featcache.errors import FeatcacheError
 try:
     ex.extract(ex.ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32,
@@ -298,7 +298,7 @@ _RUN = (
     _FAST
     + """
 import sys
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 extract(ExtractConfig(model="random:dinov3-vits16", data=sys.argv[1], out=sys.argv[2], res=32, workers=0,
                       shard_rows=2, batch_size=2), progress=False)
 """
@@ -359,8 +359,8 @@ def test_lock_is_free_once_the_main_process_is_killed(reference, tmp_path):
     extract(_cfg(manifest, out), progress=False)  # the set exists
     script = _RUN.replace("workers=0", "workers=2").replace("shard_rows=2", "shard_rows=2, retry_failed=True")
     script = script.replace("import sys", "import sys, time\nimport featcache.extract.pipeline as ex\n"
-                            "real = ex._Images.__getitem__\n"
-                            "ex._Images.__getitem__ = lambda self, i: (time.sleep(30), real(self, i))[1]")  # fmt: skip
+                            "real = ex.Images.__getitem__\n"
+                            "ex.Images.__getitem__ = lambda self, i: (time.sleep(30), real(self, i))[1]")  # fmt: skip
     fs = FeatureStore(out, mode="a").open_set()
     fs.mark_pending([0, 1, 2])
     env = {**os.environ, "PYTHONPATH": str(REPO)}

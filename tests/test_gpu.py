@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from featcache.demo import make_demo_dataset
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.models import load_backbone
 from featcache.models import loading as ld
 from featcache.store.feature_store import FeatureStore

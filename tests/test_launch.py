@@ -173,7 +173,7 @@ def manifest(tmp_path):
 
 
 def _cfg(manifest, out, **kw):
-    from featcache.extract.pipeline import ExtractConfig
+    from featcache.extract import ExtractConfig
 
     base = dict(
         model="random:dinov3-vits16", data=str(manifest), out=str(out), res=32, workers=0, device="cpu"
@@ -182,7 +182,7 @@ def _cfg(manifest, out, **kw):
 
 
 def test_torchrun_ranks_split_a_small_set_and_match_one_worker(tmp_path, manifest, monkeypatch, capsys):
-    from featcache.extract.pipeline import extract
+    from featcache.extract import extract
     from featcache.store.feature_store import FeatureStore
 
     extract(_cfg(manifest, tmp_path / "one"), progress=False)
@@ -206,7 +206,7 @@ def test_torchrun_ranks_split_a_small_set_and_match_one_worker(tmp_path, manifes
 def test_threads_are_set_recorded_and_restored(tmp_path, manifest):
     import torch
 
-    from featcache.extract.pipeline import extract
+    from featcache.extract import extract
     from featcache.store.feature_store import FeatureStore
 
     before = torch.get_num_threads()
@@ -219,8 +219,8 @@ def test_threads_are_set_recorded_and_restored(tmp_path, manifest):
 
 
 def test_cpu_bf16_is_opt_in_recorded_and_close_to_float32(tmp_path, manifest):
+    from featcache.extract import extract
     from featcache.extract.launch import cpu_bf16_support
-    from featcache.extract.pipeline import extract
     from featcache.store.feature_store import FeatureStore
 
     ok, _ = cpu_bf16_support()
@@ -247,7 +247,7 @@ def test_python_dash_m_featcache_runs_the_cli():
 
 def test_submitit_local_array_fills_the_set(tmp_path, manifest):
     submitit = pytest.importorskip("submitit")
-    from featcache.extract.pipeline import extract
+    from featcache.extract import extract
     from featcache.extract.slurm import submit_slurm
     from featcache.store.feature_store import FeatureStore
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.models import load_backbone
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import write_manifest

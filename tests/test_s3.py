@@ -19,7 +19,7 @@ moto_server = pytest.importorskip("moto.server")
 from featcache.commands import featcache  # noqa: E402
 from featcache.decode.images import read_image  # noqa: E402
 from featcache.errors import ManifestError, StoreError  # noqa: E402
-from featcache.extract.pipeline import ExtractConfig, extract  # noqa: E402
+from featcache.extract import ExtractConfig, extract  # noqa: E402
 from featcache.store.feature_store import FeatureStore  # noqa: E402
 from featcache.store.locks import remote_extraction_lock, remote_lock_url  # noqa: E402
 from featcache.store.manifest import read_manifest, write_manifest  # noqa: E402

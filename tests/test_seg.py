@@ -440,7 +440,7 @@ def test_import_probes_seg_does_not_import_torch():
 
 
 def _extract(manifest: Path, out: Path, res: int, root: Path | None = None) -> Path:
-    from featcache.extract.pipeline import ExtractConfig, extract
+    from featcache.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(
         model="random:dinov3-vits16", data=str(manifest), out=str(out), res=res, root=str(root) if root else None,

@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from featcache.datasets.volumes import expand_volumes
-from featcache.extract.pipeline import ExtractConfig, extract
+from featcache.extract import ExtractConfig, extract
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import write_manifest
 from probes.knn import KNNProbe

@@ -6,6 +6,7 @@ writer thread), ``launch`` (worker slices from torchrun / SLURM, threads, CPU bf
 (submitting workers with submitit).
 """
 
-from featcache.extract.pipeline import ExtractConfig, ExtractResult, default_set_name, extract
+from featcache.extract.config import ExtractConfig, ExtractResult, default_set_name
+from featcache.extract.pipeline import extract
 
 __all__ = ["ExtractConfig", "ExtractResult", "default_set_name", "extract"]

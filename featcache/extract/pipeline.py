@@ -23,15 +23,14 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from featcache.datasets.dedup import refuse_cross_split_duplicates
 from featcache.errors import ExtractionAborted, ExtractionInterrupted, FeatcacheError, ImageReadError
+from featcache.extract.config import SETTINGS, TOKENS, ExtractConfig, ExtractResult, default_set_name
 from featcache.extract.device import (
     BatchRunner,
     MicroBatch,
@@ -58,8 +57,6 @@ from featcache.store.locks import close_inherited_locks
 from featcache.store.manifest import read_manifest
 from featcache.store.preprocess import Preprocess
 
-TOKENS = ("cls", "pooled", "registers", "patch")
-
 
 def _worker_died(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
@@ -69,124 +66,6 @@ def _cpu_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e).lower()
     )
-
-
-# the attributes that define a set's content: a resumed run must agree on each
-SETTINGS = ("model", "weights", "res", "preprocessing", "tokens", "layers", "patch_pool", "compute_dtype")
-
-
-@dataclass
-class ExtractConfig:
-    """Everything that defines one extraction run.
-
-    Attributes:
-        model: registry name, ``random:NAME``, or a local Hugging Face checkpoint folder.
-        data: manifest CSV path.
-        out: feature store folder or URL.
-        res: input resolution in pixels (square).
-        root: image root (default: the manifest's folder).
-        name: feature set name (default ``<manifest stem>/<model>/<res>``).
-        tokens: token kinds to store; ``cls`` and ``pooled`` always, ``registers`` and ``patch`` opt-in.
-        layers: intermediate layers (``last4``, ``3,6,9``...) stored as ``layer_cls``/``layer_pooled``,
-            and with ``patch`` in ``tokens`` also as ``layer_patch`` float16 [N, L, h, w, D].
-        patch_pool: spatial average pooling factor of stored patch tokens (1 = none).
-        resize, interpolation: preprocessing (see ``featcache.store.preprocess.Preprocess``).
-        batch_size: images per batch (None: 64 on CUDA, 16 on CPU); halves on CUDA out-of-memory.
-        workers: decode worker processes (None: up to 8, one core left for the model).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-        dtype: compute dtype ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``
-            (``bf16``; on CPU only with AVX512-BF16/AMX), ``float16``.
-        threads: torch threads of the model (None: cores minus decode workers, at least 1).
-        seed: seed of a ``random:`` model.
-        shard_rows: rows per shard (None: about 256 MiB per shard, smaller for a new set when
-            workers outnumber its shards, see ``featcache.extract.launch.balance_shard_rows``).
-        num_shards, shard_index: this worker's slice of the shards (None: from torchrun or SLURM,
-            else a single worker; see ``featcache.extract.launch.resolve_slice`` for the precedence).
-        on_error: ``skip`` (record the failure, go on) or ``fail`` (stop, naming the file).
-        retry_failed: re-process rows that failed in an earlier run.
-        compile: ``torch.compile`` the model.
-        revision: hub revision (branch, tag or commit) of the weights.
-        storage_options: fsspec options of a remote store and image root (e.g. an S3 endpoint).
-        labels: the manifest's label columns (None: inferred: columns whose values are all
-            1/0/-1/blank; the other columns are kept as metadata, said once).
-    """
-
-    model: str
-    data: str
-    out: str
-    res: int = 224
-    root: str | None = None
-    name: str | None = None
-    tokens: tuple[str, ...] = ("cls", "pooled")
-    layers: str | None = None
-    patch_pool: int = 1
-    resize: str = "squash"
-    interpolation: str = "bicubic"
-    batch_size: int | None = None
-    workers: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    shard_rows: int | None = None
-    num_shards: int | None = None
-    shard_index: int | None = None
-    on_error: str = "skip"
-    retry_failed: bool = False
-    compile: bool = False
-    revision: str | None = None
-    labels: tuple[str, ...] | None = None
-    threads: int | None = None
-    storage_options: dict[str, Any] | None = None
-
-
-@dataclass
-class ExtractResult:
-    """What a run did.
-
-    Attributes:
-        set_name: the feature set written.
-        n: rows in the set.
-        processed: rows processed by this run.
-        failed: rows of the whole set marked failed.
-        pending: rows of the whole set still pending (other workers' shards, or an interrupted run).
-        shards_skipped: shards already done before this run.
-        seconds: wall time of the pass.
-        batch_size: the micro-batch size in use at the end.
-        micro_batch: what the out-of-memory back-off did (requested, final, smallest, out_of_memory,
-            grown_back).
-        startup_seconds: from the start of the pass until the first decoded batch arrived.
-        failures: the failed rows (index, id, reason), at most 20.
-        manifest_replaced: the set existed with the same images and took the manifest's new
-            patients, splits, labels or metadata (no re-embedding).
-        world, rank: the number of workers writing the set and this one's index.
-        shards: shards of the set; shards_mine: those this worker was given.
-        threads: the torch threads used (``featcache.extract.launch.set_threads``).
-        notes: choices made for the user (smaller shards, idle workers), each one line.
-    """
-
-    set_name: str
-    n: int
-    processed: int
-    failed: int
-    pending: int
-    shards_skipped: int
-    seconds: float
-    batch_size: int
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    manifest_replaced: bool = False
-    world: int = 1
-    rank: int = 0
-    shards: int = 0
-    shards_mine: int = 0
-    threads: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    micro_batch: dict[str, int] = field(default_factory=dict)
-    startup_seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        """Processed rows per second."""
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 def _hash_cache_path(manifest_path: str | os.PathLike) -> Path | None:
@@ -201,40 +80,15 @@ def _hash_cache_path(manifest_path: str | os.PathLike) -> Path | None:
     return base / f"{key}.json"
 
 
-def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> str:
-    """``<manifest stem>/<model>/<res>``, with the model name made path-safe."""
-    model_part = Path(model).name if os.path.isdir(model) else model
-    model_part = model_part.replace(":", "-").replace("/", "_")
-    return f"{Path(manifest_path).stem}/{model_part}/{res}"
-
-
 def _worker_slice(cfg: ExtractConfig) -> WorkerSlice:
     """This worker's slice of the shards (options, then torchrun, then SLURM; see ``featcache.extract.launch``)."""
     return resolve_slice(cfg.num_shards, cfg.shard_index)
-
-
-# decoding rows and committing shards live in featcache.extract.io; these names stay importable here
-_Images, _collate, _Writer = Images, collate, ShardWriter
-
-
-# the per-batch data path lives in featcache.extract.device; these names stay importable from here
-_forward = forward
-_array_specs = array_specs
 
 
 def _to_numpy(pending: Pending) -> dict[str, np.ndarray]:
     """The host arrays of a batch in flight, once its copies are done (the one step of the loop that
     allocates host memory per batch on the CPU path)."""
     return pending.numpy()
-
-
-# the device, dtype and environment of a run are resolved in featcache.extract.device
-_resolve_device, _resolve_dtype, _versions, _device_name = (
-    resolve_device,
-    resolve_dtype,
-    versions,
-    device_name,
-)
 
 
 def extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
@@ -306,8 +160,8 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     dedup = refuse_cross_split_duplicates(manifest, cache=_hash_cache_path(cfg.data))
     for line in dedup.warnings:
         print(f"featcache extract: {line}", file=sys.stderr)
-    device = _resolve_device(cfg.device)
-    dtype = _resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     threads = set_threads(cfg.threads, cfg.workers if cfg.workers is not None else default_workers())
 
     backbone = load_backbone(cfg.model, seed=cfg.seed, device=device, dtype=dtype, revision=cfg.revision)
@@ -349,8 +203,8 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         "compute_dtype": str(dtype).replace("torch.", ""),
         "settings": list(SETTINGS),
         "provenance": {k: v for k, v in backbone.provenance.items() if k != "weights"},  # weights: above
-        "versions": _versions(),
-        "device": _device_name(device),
+        "versions": versions(),
+        "device": device_name(device),
         "duplicates": {
             "hash": "blake2b-128 of the file bytes",
             "cross_split": 0,
@@ -394,10 +248,10 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
             backbone = torch.compile(backbone)
         workers = cfg.workers if cfg.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
         loader = torch.utils.data.DataLoader(
-            _Images(manifest, preprocess),
+            Images(manifest, preprocess),
             batch_sampler=batches,
             num_workers=workers if n_todo else 0,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers and n_todo else None,
             persistent_workers=False,
@@ -416,7 +270,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
                 smoothing=0.1,
                 mininterval=0.1 if tty else 30,
             )
-        writer = _Writer(fs, specs)
+        writer = ShardWriter(fs, specs)
         writer.start()
         micro = MicroBatch(batch_size)
         runner = BatchRunner(backbone, device, dtype, specs, layers, cfg.patch_pool, micro, cfg.res)
@@ -469,7 +323,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     status = fs.status
     fs.update_attrs(
         updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        device=_device_name(device),
+        device=device_name(device),
         threads={k: v for k, v in threads.items() if k != "previous"},
     )  # also rewrites the consolidated metadata, so other Zarr readers see the finished set
     failures = fs.failures()
@@ -505,14 +359,9 @@ def _flush(pending: Pending | None, hand_off) -> None:
         pass
 
 
-def _drain_and_close(writer: _Writer) -> None:
+def _drain_and_close(writer: ShardWriter) -> None:
     """Let the writer finish the shards already complete in its queue; errors are secondary here."""
     try:
         writer.close()
     except BaseException:  # the original exception matters more
         pass
-
-
-def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
-    """The run settings as a plain dict."""
-    return asdict(cfg)
