@@ -25,6 +25,7 @@ import torch
 from featcache.decode.images import read_image
 from featcache.demo import make_demo_dataset
 from featcache.extract import ExtractConfig, extract
+from featcache.extract.transform import model_input
 from featcache.models import load_backbone
 from featcache.store.manifest import read_manifest
 from featcache.store.preprocess import Preprocess
@@ -55,7 +56,7 @@ def main() -> None:
         m = read_manifest(manifest)
         backbone = load_backbone(args.model)
         pre = Preprocess(res=args.res, mean=tuple(backbone.spec.mean), std=tuple(backbone.spec.std))
-        pixels = torch.stack([pre(read_image(m.abspath(i))) for i in range(len(m))])
+        pixels = torch.stack([model_input(pre, read_image(m.abspath(i))) for i in range(len(m))])
 
         def forward_all() -> float:
             t = time.perf_counter()

@@ -71,12 +71,13 @@ class _OnTheFly:
         import torch
 
         from featcache.decode.images import read_image
+        from featcache.extract.transform import model_input
 
         order = np.arange(len(self.rows)) if rng is None else rng.permutation(len(self.rows))
         for j in range(0, len(order), self.batch):
             pos = order[j : j + self.batch]
             pixels = torch.stack(
-                [self.pre(read_image(self.fs.root / self.fs.paths[r])) for r in self.rows[pos]]
+                [model_input(self.pre, read_image(self.fs.root / self.fs.paths[r])) for r in self.rows[pos]]
             )
             with torch.inference_mode():
                 patch = self.backbone(pixels, layers=[])["patch"]

@@ -122,7 +122,9 @@ def _cell_image(path: Path, pre: Preprocess, cell: int) -> np.ndarray:
     view = Preprocess(
         res=cell, resize=pre.resize, interpolation=pre.interpolation, mean=(0, 0, 0), std=(1, 1, 1)
     )
-    return np.clip(view(read_image(path)).numpy().transpose(1, 2, 0), 0, 1)
+    from featcache.extract.transform import model_input
+
+    return np.clip(model_input(view, read_image(path)).numpy().transpose(1, 2, 0), 0, 1)
 
 
 def pca_picture(

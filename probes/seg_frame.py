@@ -41,7 +41,7 @@ import numpy as np
 
 from featcache.decode.images import is_dicom
 from featcache.errors import FeatcacheError
-from featcache.store.preprocess import Preprocess
+from featcache.store.preprocess import Preprocess, nearest_index
 
 from .seg_heads import _baseline_from_counts
 
@@ -124,9 +124,7 @@ def nearest_resize(mask: np.ndarray, size: int) -> np.ndarray:
     Returns:
         int [size, size] of the same dtype.
     """
-    idx = np.minimum(
-        np.floor((np.arange(size) + 0.5) * (mask.shape[0] / size)).astype(np.int64), mask.shape[0] - 1
-    )
+    idx = nearest_index(mask.shape[0], size)
     return mask[np.ix_(idx, idx)]
 
 

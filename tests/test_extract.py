@@ -18,6 +18,7 @@ from PIL import Image
 from featcache.decode.images import read_image
 from featcache.errors import FeatcacheError, ImageReadError, ManifestError
 from featcache.extract import ExtractConfig, extract
+from featcache.extract.transform import model_input
 from featcache.models import load_backbone
 from featcache.store.check import verify
 from featcache.store.feature_store import FAILED, OK, FeatureStore
@@ -102,7 +103,7 @@ def test_stored_features_equal_direct_forward(tmp_path, model, res):
     spec = backbone.spec
     pre = Preprocess(res=res, mean=tuple(spec.mean), std=tuple(spec.std))
     paths = [tmp_path / p for p in fs.paths]
-    pixels = torch.stack([pre(read_image(p)) for p in paths])
+    pixels = torch.stack([model_input(pre, read_image(p)) for p in paths])
     with torch.inference_mode():
         direct = backbone(pixels)
     np.testing.assert_allclose(fs.read("cls"), direct["cls"].numpy(), rtol=1e-4, atol=1e-4)

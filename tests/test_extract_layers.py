@@ -11,6 +11,7 @@ from PIL import Image
 
 from featcache.decode.images import read_image
 from featcache.extract import ExtractConfig, extract
+from featcache.extract.transform import model_input
 from featcache.models import load_backbone
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import write_manifest
@@ -31,7 +32,7 @@ def _reference(model, res, fs, root, blocks, norm_attr):
     backbone = load_backbone(model, seed=0)
     spec = backbone.spec
     pre = Preprocess(res=res, mean=tuple(spec.mean), std=tuple(spec.std))
-    pixels = torch.stack([pre(read_image(root / p)) for p in fs.paths])
+    pixels = torch.stack([model_input(pre, read_image(root / p)) for p in fs.paths])
     with torch.inference_mode():
         hidden = backbone.model(pixel_values=pixels, output_hidden_states=True).hidden_states
         norm = getattr(backbone.model, norm_attr)

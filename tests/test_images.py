@@ -13,6 +13,7 @@ from PIL import Image
 
 from featcache.decode.images import is_dicom, read_image, read_mask
 from featcache.errors import FeatcacheError, ImageReadError
+from featcache.extract.transform import model_input
 from featcache.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, PIPELINE, Preprocess
 
 RNG = np.random.default_rng(0)
@@ -436,7 +437,7 @@ def test_bad_masks(tmp_path):
 def test_output_shape_and_dtype(resize, interpolation):
     pre = Preprocess(32, resize=resize, interpolation=interpolation)
     for image in (RNG.random((50, 37), dtype=np.float32), RNG.random((20, 61, 3), dtype=np.float32)):
-        out = pre(image)
+        out = model_input(pre, image)
         assert (
             isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == (3, 32, 32)
         )
@@ -444,13 +445,13 @@ def test_output_shape_and_dtype(resize, interpolation):
 
 def test_normalisation_of_a_constant_image_matches_numpy():
     pre = Preprocess(16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
-    out = pre(np.full((40, 30), 0.7, np.float32)).numpy()
+    out = model_input(pre, np.full((40, 30), 0.7, np.float32)).numpy()
     expected = (0.7 - np.array(pre.mean)) / np.array(pre.std)
     for c in range(3):
         np.testing.assert_allclose(out[c], expected[c], atol=1e-5)
     rgb = np.empty((10, 10, 3), np.float32)
     rgb[...] = (0.1, 0.6, 0.9)
-    out = Preprocess(8)(rgb).numpy()
+    out = model_input(Preprocess(8), rgb).numpy()
     expected = (np.array([0.1, 0.6, 0.9]) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     for c in range(3):
         np.testing.assert_allclose(out[c], expected[c], atol=1e-5)
@@ -459,16 +460,18 @@ def test_normalisation_of_a_constant_image_matches_numpy():
 def test_uint8_input_equals_float_input():
     img = RNG.integers(0, 256, (30, 30), dtype=np.uint8)
     pre = Preprocess(20)
-    torch.testing.assert_close(pre(img), pre(img.astype(np.float32) / 255), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        model_input(pre, img), model_input(pre, img.astype(np.float32) / 255), rtol=0, atol=1e-6
+    )
 
 
 def test_letterbox_pads_with_black_centred():
     pre = Preprocess(32, resize="letterbox")
-    out = _denorm(pre(np.ones((40, 80), np.float32)), pre)  # resized to 16 x 32, rows 8..23
+    out = _denorm(model_input(pre, np.ones((40, 80), np.float32)), pre)  # resized to 16 x 32, rows 8..23
     np.testing.assert_allclose(out[:, :8], 0.0, atol=1e-5)
     np.testing.assert_allclose(out[:, 8:24], 1.0, atol=1e-5)
     np.testing.assert_allclose(out[:, 24:], 0.0, atol=1e-5)
-    tall = _denorm(pre(np.ones((90, 30), np.float32)), pre)  # resized to 32 x 11: cols 10..20
+    tall = _denorm(model_input(pre, np.ones((90, 30), np.float32)), pre)  # resized to 32 x 11: cols 10..20
     np.testing.assert_allclose(tall[:, :, :10], 0.0, atol=1e-5)
     np.testing.assert_allclose(tall[:, :, 10:21], 1.0, atol=1e-5)
     np.testing.assert_allclose(tall[:, :, 21:], 0.0, atol=1e-5)
@@ -477,10 +480,10 @@ def test_letterbox_pads_with_black_centred():
 def test_crop_takes_the_centre():
     img = RNG.random((32, 64), dtype=np.float32)
     pre = Preprocess(32, resize="crop")
-    np.testing.assert_allclose(_denorm(pre(img), pre)[0], img[:, 16:48], atol=1e-5)
+    np.testing.assert_allclose(_denorm(model_input(pre, img), pre)[0], img[:, 16:48], atol=1e-5)
     big = RNG.random((64, 128), dtype=np.float32)  # short side 64 -> 32, long side 128 -> 64, keep 16..47
     ref = np.clip(_pil_resize(big, (32, 64), Image.BICUBIC), 0, 1)[:, 16:48]
-    np.testing.assert_allclose(_denorm(pre(big), pre)[0], ref, atol=1e-4)
+    np.testing.assert_allclose(_denorm(model_input(pre, big), pre)[0], ref, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -491,7 +494,7 @@ def test_squash_resize_matches_pil(interpolation, method, shape):
     img = RNG.random(shape, dtype=np.float32)
     pre = Preprocess(48, interpolation=interpolation)
     ref = np.clip(_pil_resize(img, (48, 48), method), 0, 1)
-    np.testing.assert_allclose(_denorm(pre(img), pre)[0], ref, atol=1e-4)
+    np.testing.assert_allclose(_denorm(model_input(pre, img), pre)[0], ref, atol=1e-4)
 
 
 def test_area_averages_by_overlap():
@@ -499,9 +502,9 @@ def test_area_averages_by_overlap():
     pre = Preprocess(32, interpolation="box")
     assert pre.interpolation == "area"
     block_mean = img.reshape(32, 2, 32, 2).mean(axis=(1, 3))
-    np.testing.assert_allclose(_denorm(pre(img), pre)[0], block_mean, atol=1e-5)
+    np.testing.assert_allclose(_denorm(model_input(pre, img), pre)[0], block_mean, atol=1e-5)
     row = np.array([[0.0, 0.6, 0.9]], np.float32).repeat(3, axis=0)  # 3 -> 2: pixel 1 split half/half
-    out = _denorm(Preprocess(2, interpolation="area")(row), Preprocess(2))[0]
+    out = _denorm(model_input(Preprocess(2, interpolation="area"), row), Preprocess(2))[0]
     np.testing.assert_allclose(out[0], [(0.0 + 0.5 * 0.6) / 1.5, (0.5 * 0.6 + 0.9) / 1.5], atol=1e-5)
 
 
@@ -509,7 +512,7 @@ def test_nearest_matches_pil_nearest():
     img = RNG.random((37, 23), dtype=np.float32)
     pre = Preprocess(16, interpolation="nearest")
     np.testing.assert_allclose(
-        _denorm(pre(img), pre)[0], _pil_resize(img, (16, 16), Image.NEAREST), atol=1e-6
+        _denorm(model_input(pre, img), pre)[0], _pil_resize(img, (16, 16), Image.NEAREST), atol=1e-6
     )
 
 
@@ -517,7 +520,7 @@ def test_bicubic_overshoot_is_clamped():
     edge = np.zeros((8, 8), np.float32)
     edge[:, 4:] = 1.0
     pre = Preprocess(64)
-    out = _denorm(pre(edge), pre)
+    out = _denorm(model_input(pre, edge), pre)
     assert out.min() >= -1e-5 and out.max() <= 1 + 1e-5
     assert np.isclose(out.min(), 0, atol=1e-5) and np.isclose(out.max(), 1, atol=1e-5)
 
@@ -526,7 +529,7 @@ def test_deterministic():
     img = RNG.random((70, 50, 3), dtype=np.float32)
     for resize in ("squash", "letterbox", "crop"):
         pre = Preprocess(40, resize=resize)
-        assert torch.equal(pre(img), pre(img))
+        assert torch.equal(model_input(pre, img), model_input(pre, img))
 
 
 def test_transform_mask_squash_matches_pil_nearest():
@@ -545,7 +548,7 @@ def test_mask_stays_aligned_with_image(resize):
     img[30:90, 80:150] = 1.0
     mask[30:90, 80:150] = 2
     pre = Preprocess(64, resize=resize)
-    bright = _denorm(pre(img), pre)[0] > 0.5
+    bright = _denorm(model_input(pre, img), pre)[0] > 0.5
     labelled = pre.transform_mask(mask) == 2
     iou = (bright & labelled).sum() / (bright | labelled).sum()
     assert iou > 0.9
@@ -574,7 +577,7 @@ def test_invalid_settings_are_user_errors():
     with pytest.raises(FeatcacheError, match="mean"):
         Preprocess(224, mean=(0.5, 0.5))
     with pytest.raises(FeatcacheError, match="shape"):
-        Preprocess(8)(np.zeros((4, 4, 4), np.float32))
+        model_input(Preprocess(8), np.zeros((4, 4, 4), np.float32))
     with pytest.raises(FeatcacheError, match="shape"):
         Preprocess(8).transform_mask(np.zeros((4, 4, 3), np.int64))
 

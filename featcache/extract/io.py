@@ -16,6 +16,7 @@ import torch
 
 from featcache.decode.images import read_image
 from featcache.errors import ImageReadError
+from featcache.extract.transform import model_input
 from featcache.store.feature_store import ArraySpec, FeatureSet
 from featcache.store.manifest import Manifest
 from featcache.store.preprocess import Preprocess
@@ -34,7 +35,7 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         path = self.manifest.abspath(i)
         try:
-            return i, self.preprocess(read_image(path)), ""
+            return i, model_input(self.preprocess, read_image(path)), ""
         except ImageReadError as e:
             return i, None, str(e)
         except Exception as e:  # any decoder bug must not kill the run; it is recorded per row
