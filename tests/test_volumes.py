@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from featcache.datasets.volumes import (
     WINDOW_PRESETS,
@@ -289,6 +289,140 @@ def test_multiframe_enhanced_ct_against_pydicom(shared_data, tmp_path):
         # rows run towards the patient's right (-x in LPS), so the display (right on the left) mirrors them
         assert np.array_equal(volume_slice(vol.data, 2, k), np.fliplr(hu))
         assert np.array_equal(_png(m.abspath(k)), _window(np.fliplr(hu), -10.0, 90.0))
+
+
+def _item(**attrs) -> Dataset:
+    item = Dataset()
+    for k, v in attrs.items():
+        setattr(item, k, v)
+    return item
+
+
+def _enhanced_ct(path: Path, pixels: np.ndarray, per_frame_rescale, shared_rescale=None, **top) -> Path:
+    """A multi-frame enhanced CT of axial frames 1 mm apart; per_frame_rescale[i] is (slope, intercept)
+    for frame i's own PixelValueTransformationSequence, or None for a frame without one."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "CT", generate_uid()
+    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    shared = _item(
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        PixelMeasuresSequence=[_item(PixelSpacing=[0.7, 0.6], SliceThickness=1.0)],
+        FrameVOILUTSequence=[_item(WindowCenter=40, WindowWidth=400)],
+    )
+    if shared_rescale is not None:
+        slope, intercept = shared_rescale
+        shared.PixelValueTransformationSequence = [_item(RescaleSlope=slope, RescaleIntercept=intercept)]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for i, rescale in enumerate(per_frame_rescale):
+        item = _item(PlanePositionSequence=[_item(ImagePositionPatient=[-30.0, -20.0, float(i)])])
+        if rescale is not None:
+            item.PixelValueTransformationSequence = [
+                _item(RescaleSlope=rescale[0], RescaleIntercept=rescale[1])
+            ]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    for k, v in top.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dicom_linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 LINEAR window onto [0, 1], written out independently of pydicom."""
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("fallback", ["shared", "top-level"])
+def test_multiframe_frames_take_their_own_rescale(tmp_path, fallback):
+    from featcache.decode.dicom import modality_values
+
+    rng = np.random.default_rng(3)
+    px = rng.integers(0, 1400, size=(4, 6, 8))
+    own = [(2.0, -1000.0), None, (0.5, 10.0), None]  # frames 1 and 3 have no per-frame values
+    if fallback == "shared":
+        path = _enhanced_ct(tmp_path / "e.dcm", px, own, shared_rescale=(1.0, -1024.0))
+        default = (1.0, -1024.0)
+    else:  # no shared rescale: the top-level attributes apply
+        path = _enhanced_ct(tmp_path / "e.dcm", px, own, RescaleSlope=3, RescaleIntercept=-7)
+        default = (3.0, -7.0)
+    expected = [px[i] * s + b for i, (s, b) in enumerate(r or default for r in own)]
+    vol = read_volume(path)
+    assert vol.shape == (8, 6, 4)
+    for i in range(4):
+        # frame i lies at z = i mm, so it is axial slice i; the axial layout is the stored array
+        np.testing.assert_allclose(volume_slice(vol.data, 2, i), expected[i], rtol=1e-6)
+        # read_image: the same modality values, then the shared window W400 L40
+        np.testing.assert_allclose(
+            read_image(path, frame=i), _dicom_linear_window(expected[i], 40, 400), atol=1e-6
+        )
+    # the data set is read, never changed: no frame's values are left behind for the next
+    ds = pydicom.dcmread(path)
+    before = ds.to_json_dict()
+    for i in range(4):
+        np.testing.assert_allclose(modality_values(ds.pixel_array[i], ds, i), expected[i])
+    assert ds.to_json_dict() == before
+
+
+def test_multiframe_frame_voi_sequence_is_per_frame(tmp_path):
+    rng = np.random.default_rng(4)
+    px = rng.integers(0, 1400, size=(2, 5, 7))
+    path = _enhanced_ct(tmp_path / "w.dcm", px, [(1.0, -1024.0), (1.0, -1024.0)])
+    ds = pydicom.dcmread(path)
+    ds.PerFrameFunctionalGroupsSequence[1].FrameVOILUTSequence = [_item(WindowCenter=-600, WindowWidth=1500)]
+    ds.save_as(path, enforce_file_format=True)
+    hu = px - 1024.0
+    np.testing.assert_allclose(read_image(path, frame=0), _dicom_linear_window(hu[0], 40, 400), atol=1e-6)
+    np.testing.assert_allclose(read_image(path, frame=1), _dicom_linear_window(hu[1], -600, 1500), atol=1e-6)
+
+
+def _without_decoder(monkeypatch, ts):
+    """``ts``'s pixel decoder, reporting itself unavailable when a plugin for it is installed here."""
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(ts)
+    if decoder.is_available:
+        monkeypatch.setattr(type(decoder), "is_available", property(lambda self: False))
+    return decoder
+
+
+def test_series_without_a_decoder_fails_like_read_image(tmp_path, monkeypatch):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    _without_decoder(monkeypatch, JPEGLosslessSV1)
+    _series(tmp_path / "jl", [(0.0, 0.0, float(z)) for z in range(3)], (1, 0, 0, 0, 1, 0))
+    files = sorted((tmp_path / "jl").glob("*.dcm"))
+    for f in files:  # the same series, its pixel data now in a syntax nothing here decodes
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(f, enforce_file_format=True)
+    image_errors = {}
+    for f in files:
+        with pytest.raises(ImageReadError) as e:
+            read_image(f)
+        image_errors[str(e.value)] = f
+    with pytest.raises(ImageReadError) as e:
+        read_volume(tmp_path / "jl")
+    msg = str(e.value)
+    assert msg in image_errors, msg
+    assert "\n" not in msg
+    assert msg.startswith(f"{image_errors[msg]}: no decoder installed for transfer syntax 'JPEG Lossless")
+    # one file on its own (the multi-frame path) fails the same way
+    with pytest.raises(ImageReadError) as e:
+        read_volume(files[0])
+    assert str(e.value) == next(m for m, f in image_errors.items() if f == files[0])
 
 
 def test_manifest_problems_are_named(tmp_path, shared_data):

@@ -1,8 +1,16 @@
-"""DICOM decoding for :func:`featcache.decode.images.read_image`, and the limits every DICOM reader obeys.
+"""The one DICOM decoding path: 2-D images for :func:`featcache.decode.images.read_image`, and the pixels
+and modality values of series and multi-frame volumes for :mod:`featcache.decode.volume`.
+
+Every reader goes through :func:`decode_pixels` (pixel data present, transfer syntax decodable here, the
+pixel limit below, one frame or all frames) and :func:`modality_values` (modality LUT or rescale, taken
+per frame from the functional groups of enhanced multi-frame objects: the frame's own
+PerFrameFunctionalGroupsSequence item, then the SharedFunctionalGroupsSequence, then the top level; the
+data set is never changed, so one frame's values never leak into another). 2-D reads then apply the
+frame's VOI LUT or window (FrameVOILUTSequence per frame) to reach [0, 1]; volumes keep modality units.
 
 Decompression bombs. Pillow refuses PNG/JPEG/TIFF files whose declared size is absurd; pydicom does
 not. Every DICOM reader of featcache (2-D images here, series and multi-frame volumes in
-``featcache.datasets.volumes``) first reads the header only (pixel data deferred) and refuses a file whose
+``featcache.decode.volume``) first reads the header only (pixel data deferred) and refuses a file whose
 declared size, ``Rows x Columns x SamplesPerPixel x frames decoded``, exceeds :func:`max_pixels`
 values, before any pixel data is inflated or decoded. The limit is ``FEATCACHE_MAX_PIXELS`` when that
 environment variable is set (a positive integer), else :data:`MAX_PIXELS` (module setting, default
@@ -18,6 +26,7 @@ data (PatientName, PatientID ...) into stored failure reasons and logs.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import zlib
@@ -29,7 +38,19 @@ import numpy as np
 from featcache.decode.common import frame_count_error, minmax
 from featcache.errors import ImageReadError
 
-__all__ = ["MAX_PIXELS", "check_pixel_count", "declared_pixels", "max_pixels", "read_dicom_header"]
+__all__ = [
+    "MAX_PIXELS",
+    "check_pixel_count",
+    "declared_pixels",
+    "decode_pixels",
+    "frame_group",
+    "frame_view",
+    "has_pixel_data",
+    "max_pixels",
+    "modality_values",
+    "photometric",
+    "read_dicom_header",
+]
 
 MAX_PIXELS = 178_956_970
 _ENV = "FEATCACHE_MAX_PIXELS"
@@ -50,6 +71,9 @@ _KNOWN_PI = (
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 _DEFLATE_SLACK = 64 << 20
 _BITS = (1, 8, 16, 32, 64)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Functional groups whose attributes stand in for the top-level ones for one frame.
+_FRAME_VALUE_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 
 
 def max_pixels() -> int:
@@ -194,21 +218,23 @@ def _ts_text(ts: Any) -> str:
     return f"'{ts}'" if re.fullmatch(r"[0-9.]{1,64}", str(ts)) else "an unknown transfer syntax"
 
 
-def read_dicom(path: Path, frame: int | None) -> np.ndarray:
-    """Decode one DICOM image (see :func:`featcache.decode.images.read_image` for the conventions)."""
+def has_pixel_data(ds: Any) -> bool:
+    """True when the data set holds (integer or float) pixel data, i.e. is an image object."""
+    return any(k in ds for k in _PIXEL_KEYWORDS)
 
-    try:
-        import pydicom
-        from pydicom.pixels import get_decoder
-    except ImportError as e:
-        raise ImageReadError(f"{path}: reading DICOM needs pydicom; pip install 'featcache[dicom]'") from e
-    ds = read_dicom_header(path)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
+
+def photometric(ds: Any) -> str:
+    """The PhotometricInterpretation, stripped and upper-case (MONOCHROME2 when absent)."""
+    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    """The data set's transfer syntax; for files without a meta header, the encoding the parser found."""
+    import pydicom
 
     meta = ds.get("file_meta") or pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
-        # Files without a meta header (old ACR-NEMA style): take the encoding the parser found.
+        # Files without a meta header (old ACR-NEMA style): pixel decoding needs the syntax recorded.
         implicit, little = getattr(ds, "original_encoding", (True, True))
         meta.TransferSyntaxUID = (
             pydicom.uid.ImplicitVRLittleEndian
@@ -216,7 +242,37 @@ def read_dicom(path: Path, frame: int | None) -> np.ndarray:
             else (pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
         )
         ds.file_meta = meta
-    ts = meta.TransferSyntaxUID
+    return meta.TransferSyntaxUID
+
+
+def decode_pixels(
+    ds: Any, path: Path, frame: int | None = None, *, single: bool = False, what: str = "file"
+) -> np.ndarray:
+    """Decode the stored pixel values of a DICOM data set: one frame, or all of them.
+
+    Checks, in this order, that the data set has pixel data, that pydicom can decode its transfer
+    syntax and a decoding plugin for it is installed, that ``frame`` exists, and that the values to
+    decode stay within :func:`max_pixels`; only then is pixel data read.
+
+    Args:
+        ds: the data set from :func:`read_dicom_header`.
+        path: file named in errors.
+        frame: the frame to decode (0-based); None decodes every frame.
+        single: the caller reads single images: a multi-frame file without ``frame`` is refused.
+        what: how the limit error names what is read ("file", "DICOM volume").
+
+    Returns:
+        Stored values as pydicom decodes them (YBR converted to RGB): [R, C] or [R, C, S] for one frame
+        or a single-frame file, [N, R, C] or [N, R, C, S] for all frames of a multi-frame file.
+
+    Raises:
+        ImageReadError: one line naming the file; never quotes header text or decoder messages.
+    """
+    from pydicom.pixels import get_decoder
+
+    if not has_pixel_data(ds):
+        raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
+    ts = _transfer_syntax(ds)
     ts_text = _ts_text(ts)
     try:
         decoder = get_decoder(ts)
@@ -229,27 +285,113 @@ def read_dicom(path: Path, frame: int | None) -> np.ndarray:
         raise ImageReadError(
             f"{path}: no decoder installed for transfer syntax {ts_text}; {_install_hint(decoder)}"
         )
-
     n = _int(ds, "NumberOfFrames", 1, path) or 1
-    err = frame_count_error(path, n, frame)
-    if err is not None:
-        raise err
-    check_pixel_count(declared_pixels(ds, path, frames=1), path)
-    index = frame or 0
+    if single or frame is not None:
+        err = frame_count_error(path, n, frame)
+        if err is not None:
+            raise err
+    one = frame is not None or single
+    check_pixel_count(declared_pixels(ds, path, frames=1 if one else None), path, what)
     try:
-        if n > 1:
-            ds.pixel_array_options(index=index)
-        arr = ds.pixel_array
+        if frame is not None and n > 1:
+            ds.pixel_array_options(index=frame)
+        return ds.pixel_array
     except Exception as e:
         raise ImageReadError(
             f"{path}: cannot decode pixel data in {ts_text} ({type(e).__name__}: truncated or corrupt "
             "pixel data, or a header that does not match it)"
         ) from None
 
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+
+def _group_items(ds: Any, index: int | None, keyword: str) -> list[Any]:
+    """The first items of functional group ``keyword`` that apply to a frame: shared, then the frame's."""
+    groups = [(ds.get("SharedFunctionalGroupsSequence") or [None])[0]]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index is not None and 0 <= index < len(per_frame):
+        groups.append(per_frame[index])
+    return [inner[0] for g in groups if g is not None and (inner := g.get(keyword))]
+
+
+def frame_group(ds: Any, index: int | None, keyword: str) -> Any | None:
+    """The first item of functional group ``keyword`` (e.g. ``"PlanePositionSequence"``) for a frame.
+
+    The frame's own (PerFrameFunctionalGroupsSequence item ``index``, 0-based), else the shared one
+    (``index`` None: the shared one only); None when neither has it.
+    """
+    items = _group_items(ds, index, keyword)
+    return items[-1] if items else None
+
+
+def frame_view(ds: Any, index: int | None) -> Any:
+    """The data set as one frame sees it: the attributes of its rescale and VOI functional groups on top.
+
+    Each attribute of the frame's PixelValueTransformationSequence / FrameVOILUTSequence item overrides
+    the shared group's, which overrides the top level's. ``ds`` is not changed: the view is a copy with
+    its own element table (``copy.copy`` alone would share it), so frames never see each other's values.
+
+    Returns:
+        ``ds`` itself when no functional group applies, else the view (for pydicom's LUT functions).
+    """
+    items = [item for keyword in _FRAME_VALUE_GROUPS for item in _group_items(ds, index, keyword)]
+    if not items:
+        return ds
+    view = copy.copy(ds)
+    view._dict = dict(ds._dict)
+    # shared items come before the frame's within each group, so the frame's values win
+    for item in items:
+        for elem in item:
+            view[elem.tag] = elem
+    return view
+
+
+def _transform_error(path: Path | str, e: Exception) -> ImageReadError:
+    return ImageReadError(
+        f"{path}: cannot apply the DICOM intensity transforms ({type(e).__name__}: malformed rescale, "
+        "window or lookup table attributes)"
+    )
+
+
+def modality_values(
+    arr: np.ndarray, ds: Any, index: int | None = None, *, path: Path | str = "DICOM file"
+) -> np.ndarray:
+    """Stored values of one frame to modality values (HU for CT): the modality LUT, else slope/intercept.
+
+    Args:
+        arr: the frame's stored values ([R, C]), as :func:`decode_pixels` returns them.
+        ds: its data set.
+        index: the frame's 0-based index in a multi-frame file (its functional groups apply, see
+            :func:`frame_view`); None uses the shared group and top level only.
+        path: file named in errors.
+
+    Returns:
+        float64 when rescaled (both RescaleSlope and RescaleIntercept present), the LUT's integer type
+        for a modality LUT, else ``arr`` unchanged.
+
+    Raises:
+        ImageReadError: malformed rescale or LUT attributes.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        return apply_modality_lut(arr, frame_view(ds, index))
+    except Exception as e:
+        raise _transform_error(path, e) from None
+
+
+def read_dicom(path: Path, frame: int | None) -> np.ndarray:
+    """Decode one DICOM image (see :func:`featcache.decode.images.read_image` for the conventions)."""
+
+    try:
+        import pydicom  # noqa: F401
+    except ImportError as e:
+        raise ImageReadError(f"{path}: reading DICOM needs pydicom; pip install 'featcache[dicom]'") from e
+    ds = read_dicom_header(path)
+    arr = decode_pixels(ds, path, frame, single=True)
+    index = frame or 0
+    pi = photometric(ds)
     try:
         if pi in _MONOCHROME and arr.ndim == 2:
-            return _dicom_gray(arr, ds, index, invert=pi == "MONOCHROME1")
+            return _dicom_gray(arr, ds, index, path, invert=pi == "MONOCHROME1")
         if pi in _COLOUR and arr.ndim == 3 and arr.shape[-1] == 3:
             bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
             return np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
@@ -261,10 +403,7 @@ def read_dicom(path: Path, frame: int | None) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as e:
-        raise ImageReadError(
-            f"{path}: cannot apply the DICOM intensity transforms ({type(e).__name__}: malformed rescale, "
-            "window or lookup table attributes)"
-        ) from None
+        raise _transform_error(path, e) from None
     raise ImageReadError(
         f"{path}: unsupported photometric interpretation {_pi_text(pi)} with pixel array shape {arr.shape}"
     )
@@ -285,28 +424,11 @@ def _install_hint(decoder: Any) -> str:
     return "install one of: " + "; ".join(options)
 
 
-def _use_frame_groups(ds: Any, index: int) -> None:
-    """Copy rescale and window attributes of an enhanced multi-frame object to the top level."""
-    items = []
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        items.append(shared[0])
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame):
-        items.append(per_frame[index])  # per-frame values override shared ones
-    for item in items:
-        for keyword in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
-            seq = item.get(keyword)
-            if seq:
-                for elem in seq[0]:
-                    ds[elem.tag] = elem
+def _dicom_gray(arr: np.ndarray, ds: Any, index: int, path: Path, invert: bool) -> np.ndarray:
+    from pydicom.pixels import apply_voi, apply_windowing
 
-
-def _dicom_gray(arr: np.ndarray, ds: Any, index: int, invert: bool) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
-
-    _use_frame_groups(ds, index)
-    x = apply_modality_lut(arr, ds)
+    x = modality_values(arr, ds, index, path=path)
+    ds = frame_view(ds, index)  # the frame's VOI LUT or window
     lo = hi = None
     voi_seq = ds.get("VOILUTSequence")
     has_lut = bool(voi_seq) and "LUTDescriptor" in voi_seq[0] and "LUTData" in voi_seq[0]

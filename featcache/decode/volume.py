@@ -2,7 +2,9 @@
 
 The conventions (orientation, series ordering, modality LUT, MONOCHROME1) are those described in
 :mod:`featcache.datasets.volumes`, which re-exports :class:`Volume`, :func:`read_volume` and
-:func:`read_label_volume`; this module only reads and reorients, it writes nothing.
+:func:`read_label_volume`; this module only reads and reorients, it writes nothing. DICOM pixels and
+modality values come from the one DICOM path, :func:`featcache.decode.dicom.decode_pixels` and
+:func:`featcache.decode.dicom.modality_values` (the same checks and errors as 2-D images).
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from featcache.decode.dicom import _pi_text, check_pixel_count, declared_pixels, read_dicom_header
+from featcache.decode.dicom import (
+    _pi_text,
+    check_pixel_count,
+    declared_pixels,
+    decode_pixels,
+    frame_group,
+    has_pixel_data,
+    modality_values,
+    photometric,
+    read_dicom_header,
+)
 from featcache.errors import FeatcacheError, ImageReadError
 
 __all__ = ["Volume", "read_label_volume", "read_volume", "voxel_spacing"]
@@ -104,33 +116,18 @@ def _read_nifti(path: Path, frame: int | None) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _frame_groups(ds: Any, index: int | None, keyword: str) -> Any | None:
-    """The first item of a functional-group sequence for a frame: per-frame first, then shared."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index is not None and index < len(per_frame):
-        inner = per_frame[index].get(keyword)
-        if inner:
-            return inner[0]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        inner = shared[0].get(keyword)
-        if inner:
-            return inner[0]
-    return None
-
-
 def _geometry(ds: Any, index: int | None) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
     """(ImagePositionPatient [3] or None, ImageOrientationPatient [6] or None, PixelSpacing [2])."""
     pos = orient = None
     spacing = None
     if index is not None:
-        g = _frame_groups(ds, index, "PlanePositionSequence")
+        g = frame_group(ds, index, "PlanePositionSequence")
         if g is not None and "ImagePositionPatient" in g:
             pos = np.array(g.ImagePositionPatient, dtype=np.float64)
-        g = _frame_groups(ds, index, "PlaneOrientationSequence")
+        g = frame_group(ds, index, "PlaneOrientationSequence")
         if g is not None and "ImageOrientationPatient" in g:
             orient = np.array(g.ImageOrientationPatient, dtype=np.float64)
-        g = _frame_groups(ds, index, "PixelMeasuresSequence")
+        g = frame_group(ds, index, "PixelMeasuresSequence")
         if g is not None and "PixelSpacing" in g:
             spacing = np.array(g.PixelSpacing, dtype=np.float64)
     if pos is None and "ImagePositionPatient" in ds:
@@ -142,24 +139,8 @@ def _geometry(ds: Any, index: int | None) -> tuple[np.ndarray | None, np.ndarray
     return pos, orient, spacing
 
 
-def _rescale(ds: Any, index: int | None) -> tuple[float, float]:
-    g = _frame_groups(ds, index, "PixelValueTransformationSequence") if index is not None else None
-    src = g if g is not None and "RescaleSlope" in g else ds
-    return float(src.get("RescaleSlope", 1.0) or 1.0), float(src.get("RescaleIntercept", 0.0) or 0.0)
-
-
-def _pixels(ds: Any, path: Path) -> np.ndarray:
-    try:
-        return ds.pixel_array
-    except Exception as e:
-        raise ImageReadError(
-            f"{path}: cannot decode DICOM pixel data ({type(e).__name__}: truncated or corrupt pixel data, "
-            "or a header that does not match it)"
-        ) from None
-
-
 def _photometric(ds: Any, path: Path) -> bool:
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    pi = photometric(ds)
     if pi not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(
             f"{path}: photometric interpretation {_pi_text(pi)}; only grayscale DICOM volumes are supported"
@@ -209,15 +190,12 @@ def _assemble(frames: list[np.ndarray], geoms: list[tuple], where: str) -> tuple
 
 def _read_dicom_multiframe(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     invert = _photometric(ds, path)
-    check_pixel_count(declared_pixels(ds, path), path, "DICOM volume")
-    arr = _pixels(ds, path)
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    if n == 1:
+    arr = decode_pixels(ds, path, what="DICOM volume")
+    if arr.ndim == 2:  # a single-frame file
         arr = arr[None]
     frames, geoms = [], []
-    for i in range(n):
-        slope, intercept = _rescale(ds, i)
-        frames.append(arr[i].astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    for i in range(arr.shape[0]):
+        frames.append(np.asarray(modality_values(arr[i], ds, i, path=path), dtype=np.float32))
         geoms.append(_geometry(ds, i))
     data, affine = _assemble(frames, geoms, str(path))
     return data, affine, invert
@@ -270,17 +248,15 @@ def _read_dicom_series(folder: Path, root: Path | None = None) -> tuple[np.ndarr
     has_geometry = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in headers)
     if not has_geometry:
         headers.sort(key=lambda h: int(h[1].get("InstanceNumber", 0) or 0))
-    from pydicom.pixels import apply_modality_lut
-
     frames, geoms, inverts = [], [], set()
     for f, _ in headers:
         ds = read_dicom_header(f, force=False)
         inverts.add(_photometric(ds, f))
-        if "PixelData" not in ds:
+        if not has_pixel_data(ds):
             raise ImageReadError(
                 f"{f}: DICOM file has no pixel data; keep only image files in a series folder"
             )
-        frames.append(np.asarray(apply_modality_lut(_pixels(ds, f), ds), dtype=np.float32))
+        frames.append(np.asarray(modality_values(decode_pixels(ds, f), ds, 0, path=f), dtype=np.float32))
         geoms.append(_geometry(ds, None))
     data, affine = _assemble(frames, geoms, str(folder))
     return data, affine, inverts == {True}
@@ -326,7 +302,7 @@ def read_volume(
             raise ImageReadError(
                 f"{path}: not a volume; expected a .nii/.nii.gz file, a DICOM series folder or a multi-frame DICOM"
             ) from None
-        if "PixelData" not in ds:
+        if not has_pixel_data(ds):
             raise ImageReadError(f"{path}: DICOM file has no pixel data (not an image object)")
         data, affine, invert = _read_dicom_multiframe(ds, path)
     return Volume(
