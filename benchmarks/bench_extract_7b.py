@@ -54,7 +54,7 @@ _BUILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
-from featcache.launch import default_workers, set_threads
+from featcache.extract.launch import default_workers, set_threads
 from featcache.models import load_backbone
 threads, workers = (None if a == "-" else int(a) for a in sys.argv[3:5])
 set_threads(threads, workers if workers is not None else default_workers())
