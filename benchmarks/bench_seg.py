@@ -91,13 +91,14 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     import probes.seg as seg
+    import probes.seg_data as seg_data
     from featcache.store.feature_store import FeatureStore
 
     # one-time imports both sides pay (the deterministic mode pulls in torch's compiler modules, ~1 s, ~70 MB)
     torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
     base = _rss_mb()
     fs = FeatureStore(cache).open_set()
-    keep, _ = seg._rows_of(fs, 0, 0.2)
+    keep, _ = seg_data.seg_rows(fs, 0, 0.2)
     n_images = sum(len(v) for v in keep.values())
     _, gh, gw, dim = fs.shape("patch")
     token_mb = (
@@ -121,7 +122,7 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
 
         pre = fs.record.preprocess()
         backbone = load_backbone(MODEL, seed=0, device=torch.device("cpu"), dtype=torch.float32).eval()
-        masks = seg._Masks(fs, fs.root, pre)
+        masks = seg_data.Masks(fs, fs.root, pre)
         size = min(pre.res, 4 * gh)
         Y = {s: np.stack([seg._nearest(masks(r), size) for r in keep[s]]) for s in ("train", "val")}
         src = {s: _OnTheFly(fs, keep[s], backbone, pre) for s in keep}

@@ -4,6 +4,8 @@ Opening. The set is opened by :func:`probes.data.open_checked_set`, the one guar
 consumer of stored features (it refuses, e.g., a set whose manifest replacement was interrupted).
 Rows: extracted rows (status ok) with a mask and a ``train``/``val``/``test`` split; without val
 rows, a patient-level share of train is carved off by :func:`probes.data.carve_val` and recorded.
+What is read from the set before training (rows, masks, targets, test spacings) is in
+:mod:`probes.seg_data`; this module trains, scores and writes the result rows.
 
 Targets. Masks come from the manifest's ``mask`` column (stored in the feature set, relative to its
 root). A mask is an integer label map read by :func:`featcache.decode.images.read_mask`: 0 background,
@@ -63,34 +65,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError, StoreError
 from featcache.progress import probe_progress
 from featcache.store.feature_store import FeatureSet, FeatureStore
 from featcache.store.preprocess import Preprocess
 
-from .data import SPLITS, carve_val, open_checked_set
+from .data import open_checked_set
 from .results import append_jsonl, make_rows
-from .seg_frame import SPACING_TAGS, Scorer, nearest_resize, pixel_spacing
+from .seg_data import Masks, scoring_spacings, seg_rows, structure_names, training_targets
+from .seg_frame import Scorer, nearest_resize
 from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
 from .seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
 from .seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
 from .seg_unet import LayerChoice, resolve_layers
-from .seg_volume import (
-    SCORED_PER,
-    SPACING_COLUMNS,
-    score_volumes,
-    slice_spacings,
-    spacing_unit,
-    volume_groups,
-)
+from .seg_volume import SCORED_PER, score_volumes, volume_groups
 
 __all__ = [
     "HEADS",
@@ -112,45 +106,6 @@ SCORED_AT = ("mask", "model")
 _nearest = nearest_resize  # the name earlier callers use
 
 # ---------------------------------------------------------------------------------------------- the run
-
-
-def _structure_names(structures: Sequence[str] | None, max_label: int) -> list[str]:
-    if structures:
-        names = [str(s).strip() for s in structures]
-        if len(names) < max_label:
-            raise FeatcacheError(
-                f"--structures names {len(names)} structures but the training masks have labels up to "
-                f"{max_label}; name one per label (label k -> k-th name)"
-            )
-        if len(set(names)) != len(names) or "mean" in names or not all(names):
-            raise FeatcacheError(
-                f"--structures {','.join(names)}: names must be distinct, non-empty, not 'mean'"
-            )
-        return names
-    return [f"structure_{k}" for k in range(1, max_label + 1)]
-
-
-class _Masks:
-    """Reads mask files of a feature set: as stored (``read``) or in the model frame (calling it)."""
-
-    def __init__(self, fs: FeatureSet, root: Path, preprocess: Preprocess):
-        self.paths, self.root, self.pre, self.ids = fs.masks, root, preprocess, fs.ids
-
-    def path(self, row: int) -> Path:
-        return self.root / self.paths[row]
-
-    def read(self, row: int) -> np.ndarray:
-        """int64 [H, W] label map of ``row`` in its own frame."""
-        path = self.path(row)
-        if not path.is_file():
-            raise FeatcacheError(
-                f"{path}: mask of row '{self.ids[row]}' not found; pass the manifest's image root with --root"
-            )
-        return read_mask(path)
-
-    def __call__(self, row: int) -> np.ndarray:
-        """int64 [res, res] label map of ``row`` in the model frame."""
-        return self.pre.transform_mask(self.read(row))
 
 
 def _seg_context(fs: FeatureSet, features: str) -> dict[str, Any]:
@@ -184,70 +139,6 @@ def _save_mask(folder: Path, row_id: str, label_map: np.ndarray, n_structures: i
     else:
         arr = label_map.astype(np.uint8 if n_structures <= 255 else np.uint16)
     Image.fromarray(arr).save(folder / f"{_safe_name(row_id)}.png")
-
-
-def _rows_of(fs: FeatureSet, seed: int, val_fraction: float) -> tuple[dict[str, np.ndarray], bool]:
-    masks = fs.masks
-    if masks is None:
-        raise FeatcacheError(
-            f"{fs.name}: the set has no mask column; add a 'mask' column to the manifest and extract again"
-        )
-    usable = fs.ok & (masks != "")
-    keep = {s: np.flatnonzero(usable & (fs.splits == s)) for s in SPLITS}
-    for s in ("train", "test"):
-        if not len(keep[s]):
-            raise FeatcacheError(
-                f"{fs.name}: no {s} rows with a mask ({int((fs.splits == s).sum())} rows have split '{s}', "
-                f"{int((usable & (fs.splits == s)).sum())} of them extracted with a mask); "
-                f"give masks to some '{s}' rows of the manifest"
-            )
-    carved = False
-    if not len(keep["val"]) and val_fraction > 0:
-        to_val = carve_val(fs.patient_ids[keep["train"]], val_fraction, seed)
-        keep["val"], keep["train"] = keep["train"][to_val], keep["train"][~to_val]
-        carved = True
-    return keep, carved
-
-
-def _hd95_unit(image_paths: Sequence[Path]) -> tuple[list, str, dict[str, Any]]:
-    """Pixel spacings of the test images and the one HD95 unit for all of them.
-
-    Args:
-        image_paths: the test images' files.
-
-    Returns:
-        ``(spacings, unit, params)``: a :class:`~probes.seg_frame.Spacing` or None per image (all
-        None when the unit is ``px``), ``mm`` or ``px``, and the params that record the choice.
-    """
-    spacings = [pixel_spacing(p) for p in image_paths]
-    have = sum(s is not None for s in spacings)
-    if have and have == len(spacings):
-        tags = {t: n for t in SPACING_TAGS if (n := sum(s.tag == t for s in spacings))}
-        return spacings, "mm", {"hd95_unit": "mm", "spacing_tags": tags}
-    params: dict[str, Any] = {"hd95_unit": "px"}
-    if have:
-        why = (
-            f"{len(spacings) - have} of {len(spacings)} test images have no DICOM pixel spacing "
-            "(PixelSpacing or ImagerPixelSpacing), so HD95 is in pixels for all of them"
-        )
-        params["hd95_px_because"] = why
-        warnings.warn(why, UserWarning, stacklevel=3)
-    return [None] * len(spacings), "px", params
-
-
-def _test_spacings(fs: FeatureSet, test: np.ndarray, data_root: Path, per_volume: bool):
-    """Spacing per test row (for the scorer) and the params recording the HD95 unit.
-
-    The voxel spacing a slice manifest records (``meta_spacing_*``) comes first; a set without those
-    columns scored per slice falls back to the images' DICOM pixel spacing; a set that has them on
-    only some test rows is scored in pixels, and says why.
-    """
-    recorded, why_not = slice_spacings(fs, test)
-    has_columns = all(c in fs.meta_names() for c in SPACING_COLUMNS)
-    if why_not is None or per_volume or has_columns:
-        return recorded, spacing_unit(recorded, why_not, stacklevel=4)
-    spacings, _, unit_params = _hd95_unit([data_root / fs.paths[r] for r in test])
-    return spacings, unit_params
 
 
 def run_seg(
@@ -353,27 +244,16 @@ def run_seg(
     *_, gh, gw, dim = fs.shape(choice.array)
     n_layers = 1 if choice.positions is None else len(choice.positions)
     size = int(min(res, train_scale * max(gh, gw)))
-    keep, carved = _rows_of(fs, seed, val_fraction)
+    keep, carved = seg_rows(fs, seed, val_fraction)
     test = keep["test"]
     groups = volume_groups(fs, test) if scored_per == "volume" else None
     data_root = Path(root) if root is not None else fs.root
-    masks = _Masks(fs, data_root, pre)
+    masks = Masks(fs, data_root, pre)
 
     # training / validation targets at the loss resolution; class counts at res for the baseline
-    Y = {s: np.zeros((len(keep[s]), size, size), np.int64) for s in ("train", "val")}
-    counts = np.zeros((1, res, res), np.int64)
-    for s in ("train", "val"):
-        for i, row in enumerate(keep[s]):
-            m = masks(row)
-            Y[s][i] = nearest_resize(m, size)
-            if s == "train":
-                top = int(m.max(initial=0))
-                if top >= len(counts):
-                    counts = np.concatenate([counts, np.zeros((top + 1 - len(counts), res, res), np.int64)])
-                for k in range(len(counts)):
-                    counts[k] += m == k
+    Y, counts = training_targets(masks, keep, size, res)
     max_label = max(len(counts) - 1, int(Y["val"].max(initial=0)))
-    names = _structure_names(structures, max_label)
+    names = structure_names(structures, max_label)
     K = len(names)
     if K == 0:
         raise FeatcacheError(f"{fs.name}: the training masks are all background; nothing to segment")
@@ -421,7 +301,7 @@ def run_seg(
     if probe.n_classes_ - 1 > K:
         K = probe.n_classes_ - 1
 
-    spacings, unit_params = _test_spacings(fs, test, data_root, groups is not None)
+    spacings, unit_params = scoring_spacings(fs, test, data_root, groups is not None)
     folder = Path(save_masks) if save_masks is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

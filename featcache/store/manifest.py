@@ -19,7 +19,9 @@ as metadata, and ``Manifest.notes`` says once which columns were kept so (a 0/1 
 ``went_to_icu`` is still inferred to be a label: declare the labels to keep it out).
 
 Everything is validated before any model is loaded, and every problem found is
-reported at once in one line that names the rows (CSV line numbers, header = line 1).
+reported at once in one line that names the rows (CSV line numbers, header = line 1). The checks of
+column names and path locations are in :mod:`featcache.store.manifest_checks`, the split of the
+columns into labels and metadata in :mod:`featcache.store.manifest_labels`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import posixpath
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,12 +37,21 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import ManifestError
-from featcache.urls import UrlPath, is_url, url_files
+from featcache.store.manifest_checks import (
+    MAX_NAMED,
+    bad_column_name,
+    check_locations,
+    resolves_inside,  # noqa: F401  (importable from here as before)
+    rows_text,
+)
+from featcache.store.manifest_labels import (
+    LABEL_VALUES,
+    RESERVED,  # noqa: F401  (importable from here as before)
+    label_columns,
+)
+from featcache.urls import UrlPath, is_url
 
-RESERVED = ("path", "id", "patient_id", "split", "label", "mask")
 SPLITS = ("train", "val", "test", "")
-_LABEL_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": np.nan}
-_MAX_NAMED = 5
 
 
 @dataclass
@@ -123,141 +132,6 @@ class Manifest:
         return h.hexdigest()
 
 
-def _rows_text(lines: list[int], ids: list[str] | None = None) -> str:
-    shown = lines[:_MAX_NAMED]
-    text = ", ".join(str(n) for n in shown)
-    if ids is not None:
-        text += " (" + ", ".join(ids[:_MAX_NAMED]) + ")"
-    if len(lines) > _MAX_NAMED:
-        text += f" and {len(lines) - _MAX_NAMED} more"
-    return text
-
-
-def _inside(root: Path, rel: str) -> bool:
-    """Whether ``rel`` names a place inside ``root`` as written (no absolute path, no ``..`` out)."""
-    if isinstance(root, UrlPath):
-        clean = posixpath.normpath(rel)
-        return not (
-            rel.startswith("/") or "://" in rel or "\\" in rel or clean == ".." or clean.startswith("../")
-        )
-    if os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":"):
-        return False
-    target = os.path.normpath(os.path.join(str(root), rel))
-    return target == str(root) or target.startswith(str(root) + os.sep)
-
-
-def resolves_inside(root: Path, rel: str, _parents: dict[str, str] | None = None) -> bool:
-    """Whether ``root / rel`` still lies inside ``root`` once symbolic links are followed.
-
-    Args:
-        root: the (already resolved) root folder.
-        rel: a path relative to it, as written in the manifest.
-        _parents: cache of resolved parent folders, shared across the rows of one manifest (the
-            folder part is resolved once per folder, the file itself is checked for being a link).
-
-    Returns:
-        False when the text escapes (absolute, ``..``) or a link on the way points outside the root;
-        a path that does not exist is judged by the links of the part that does.
-    """
-    if not _inside(root, rel):
-        return False
-    if isinstance(root, UrlPath):  # object stores have no symbolic links
-        return True
-    cache = {} if _parents is None else _parents
-    real_root = cache.get("\0") or cache.setdefault("\0", os.path.realpath(root))
-    parent, name = os.path.split(rel)
-    if _parents is None or name in ("", ".", ".."):
-        target = os.path.realpath(os.path.join(real_root, rel))
-    else:
-        real_parent = _parents.get(parent)
-        if real_parent is None:
-            real_parent = _parents[parent] = os.path.realpath(os.path.join(real_root, parent))
-        target = os.path.join(real_parent, name)
-        if os.path.islink(target):
-            target = os.path.realpath(target)
-    return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
-
-
-def bad_column_name(name: str) -> str | None:
-    """Why a header cell cannot be a column name, or None when it can.
-
-    Column names become array names in the feature store (``meta/<name>``, label names), so they must
-    be plain: not empty, no ``/`` or ``\\``, no control characters, and not ``.``, ``..`` or a name
-    starting with ``.`` or ``__`` once the ``meta_`` prefix is removed.
-    """
-    if not name:
-        return "is empty"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "holds a control character"
-    if "/" in name or "\\" in name:
-        return "contains '/' or '\\'"
-    key = name[len("meta_") :] if name.startswith("meta_") else name
-    if not key:
-        return "is a bare 'meta_'"
-    if key.startswith((".", "__")):
-        return "starts with '.' or '__'"
-    return None
-
-
-def _check_locations(
-    problems: list[str],
-    root: Path,
-    values: list[str],
-    line: np.ndarray,
-    what: str,
-    check_files: bool,
-    kind: str,
-) -> bool:
-    """Add the problems of one path column (escaping the root, missing, folders); True if any escape."""
-    control = [i for i, p in enumerate(values) if any(ord(c) < 32 or ord(c) == 127 for c in p)]
-    if control:
-        problems.append(
-            f"rows {_rows_text([int(line[i]) for i in control])} have control characters (e.g. NUL) in "
-            f"their {what}; fix the file names in the manifest"
-        )
-        return True
-    outside = [i for i, p in enumerate(values) if p and not _inside(root, p)]
-    skip = set(outside)
-    parents: dict[str, str] = {}
-    linked = [
-        i for i, p in enumerate(values) if p and i not in skip and not resolves_inside(root, p, parents)
-    ]
-    if outside:
-        rows = _rows_text([int(line[i]) for i in outside], [values[i] for i in outside])
-        problems.append(f"rows {rows} have {what} outside the root {root} (use paths relative to --root)")
-    if linked:
-        rows = _rows_text([int(line[i]) for i in linked], [values[i] for i in linked])
-        problems.append(
-            f"rows {rows} have {what} that lead outside the root {root} through a symbolic link; "
-            "copy the files under the root or pass a --root that holds the link targets"
-        )
-    if not check_files or outside or linked:
-        return bool(outside or linked)
-    if isinstance(root, UrlPath):
-        listed = url_files(root)
-        if listed is None:
-            problems.append(
-                f"cannot list {root} to check that the {kind} files exist; check the URL and "
-                "--storage-options, or pass --no-check-files"
-            )
-            return False
-        missing = [i for i, p in enumerate(values) if p and posixpath.normpath(p) not in listed]
-        if missing:
-            rows = _rows_text([int(line[i]) for i in missing], [values[i] for i in missing])
-            problems.append(f"rows {rows} name {kind} files that do not exist under {root}")
-        return False
-    folders = [i for i, p in enumerate(values) if p and (root / p).is_dir()]
-    skip = set(folders)
-    missing = [i for i, p in enumerate(values) if p and i not in skip and not (root / p).is_file()]
-    if missing:
-        rows = _rows_text([int(line[i]) for i in missing], [values[i] for i in missing])
-        problems.append(f"rows {rows} name {kind} files that do not exist under {root}")
-    if folders:
-        rows = _rows_text([int(line[i]) for i in folders], [values[i] for i in folders])
-        problems.append(f"rows {rows} name folders, not {kind} files, under {root}")
-    return False
-
-
 def read_manifest(
     csv_path: str | Path,
     root: str | Path | None = None,
@@ -335,7 +209,7 @@ def parse_manifest(
         raise ManifestError(f"{source}: duplicate column names {dup_cols}; rename them")
     bad_names = [(h, why) for h in header if (why := bad_column_name(h)) is not None]
     if bad_names:
-        text = "; ".join(f"{h!r} {why}" for h, why in bad_names[:_MAX_NAMED])
+        text = "; ".join(f"{h!r} {why}" for h, why in bad_names[:MAX_NAMED])
         raise ManifestError(
             f"{source}: bad column names: {text}; give every column a plain name (letters, digits, '_', "
             "'-', spaces; a trailing comma in the header makes an empty one)"
@@ -350,7 +224,7 @@ def parse_manifest(
     bad_width = [i + 2 for i, r in enumerate(records) if len(r) != len(header)]
     if bad_width:
         raise ManifestError(
-            f"{source}: rows {_rows_text(bad_width)} have a different number of fields than the header ({len(header)})"
+            f"{source}: rows {rows_text(bad_width)} have a different number of fields than the header ({len(header)})"
         )
     cols = {h: [r[j].strip() for r in records] for j, h in enumerate(header)}
     n = len(records)
@@ -366,16 +240,16 @@ def parse_manifest(
 
     empty = [int(line[i]) for i, p in enumerate(paths) if not p]
     if empty:
-        problems.append(f"rows {_rows_text(empty)} have an empty 'path'")
+        problems.append(f"rows {rows_text(empty)} have an empty 'path'")
 
     seen: dict[str, list[int]] = defaultdict(list)
     for i, rid in enumerate(ids):
         seen[rid].append(int(line[i]))
     dups = {rid: rows for rid, rows in seen.items() if len(rows) > 1}
     if dups:
-        first = list(dups.items())[:_MAX_NAMED]
-        text = "; ".join(f"'{rid}' at rows {_rows_text(rows)}" for rid, rows in first)
-        more = f" and {len(dups) - _MAX_NAMED} more" if len(dups) > _MAX_NAMED else ""
+        first = list(dups.items())[:MAX_NAMED]
+        text = "; ".join(f"'{rid}' at rows {rows_text(rows)}" for rid, rows in first)
+        more = f" and {len(dups) - MAX_NAMED} more" if len(dups) > MAX_NAMED else ""
         fix = "make the 'id' values unique" if "id" in cols else "add an 'id' column with unique values"
         problems.append(f"duplicate ids: {text}{more} ({fix})")
 
@@ -383,7 +257,7 @@ def parse_manifest(
     if bad_split:
         vals = sorted({splits[i] for i in bad_split})
         problems.append(
-            f"rows {_rows_text([int(line[i]) for i in bad_split])} have unknown split values {vals} "
+            f"rows {rows_text([int(line[i]) for i in bad_split])} have unknown split values {vals} "
             "(use train, val, test or blank)"
         )
 
@@ -396,21 +270,21 @@ def parse_manifest(
     leaks = [p for p, s in patient_splits.items() if len(s) > 1]
     if leaks:
         text = "; ".join(
-            f"'{p}' in {sorted(patient_splits[p])} at rows {_rows_text(patient_rows[p])}"
-            for p in leaks[:_MAX_NAMED]
+            f"'{p}' in {sorted(patient_splits[p])} at rows {rows_text(patient_rows[p])}"
+            for p in leaks[:MAX_NAMED]
         )
-        more = f" and {len(leaks) - _MAX_NAMED} more patients" if len(leaks) > _MAX_NAMED else ""
+        more = f" and {len(leaks) - MAX_NAMED} more patients" if len(leaks) > MAX_NAMED else ""
         problems.append(f"patients in more than one split (leakage): {text}{more}")
 
     masks = cols.get("mask")
-    escaping = _check_locations(problems, root, paths, line, "paths", check_files, "image")
+    escaping = check_locations(problems, root, paths, line, "paths", check_files, "image")
     if masks is not None:
-        escaping |= _check_locations(problems, root, masks, line, "mask paths", check_files, "mask")
+        escaping |= check_locations(problems, root, masks, line, "mask paths", check_files, "mask")
 
-    label_names, meta_names, notes = _label_columns(header, cols, labels, source)
+    label_names, meta_names, notes = label_columns(header, cols, labels, source)
     if label_names and "label" in header:
         problems.append(
-            f"both a 'label' class column and binary label columns {label_names[:_MAX_NAMED]}; keep one "
+            f"both a 'label' class column and binary label columns {label_names[:MAX_NAMED]}; keep one "
             "kind (declare the labels, or rename metadata columns to meta_<name>)"
         )
     labels_arr = np.full((n, len(label_names)), np.nan, dtype=np.float32)
@@ -418,13 +292,13 @@ def parse_manifest(
         bad = []
         for i, v in enumerate(cols[name]):
             try:
-                labels_arr[i, j] = _LABEL_VALUES[v]
+                labels_arr[i, j] = LABEL_VALUES[v]
             except KeyError:
                 bad.append(i)
         if bad:
-            vals = sorted({cols[name][i] for i in bad})[:_MAX_NAMED]
+            vals = sorted({cols[name][i] for i in bad})[:MAX_NAMED]
             problems.append(
-                f"declared label column '{name}' has values {vals} at rows {_rows_text([int(line[i]) for i in bad])}: "
+                f"declared label column '{name}' has values {vals} at rows {rows_text([int(line[i]) for i in bad])}: "
                 "label columns hold 1, 0, -1 or blank; fix the values or leave it out of the labels"
             )
 
@@ -457,69 +331,6 @@ def parse_manifest(
         label_source="inferred" if labels is None else "declared",
         notes=notes,
     )
-
-
-def _declared(labels: Sequence[str] | str) -> list[str]:
-    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (blank entries dropped)."""
-    items = labels.split(",") if isinstance(labels, str) else list(labels)
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
-def _label_columns(
-    header: list[str], cols: dict[str, list[str]], labels: Sequence[str] | str | None, source: str
-) -> tuple[list[str], dict[str, str], list[str]]:
-    """Split the non-reserved columns into labels and metadata.
-
-    Returns:
-        ``(label_names, meta, notes)``: label columns in file order; metadata key (``meta_<name>``)
-        -> column name; at most one note naming the columns kept as metadata by inference.
-
-    Raises:
-        ManifestError: a declared label is reserved, repeated or not a column, or two columns end up
-            under the same metadata key (``age`` and ``meta_age``).
-    """
-    free = [h for h in header if h not in RESERVED and not h.startswith("meta_")]
-    notes: list[str] = []
-    if labels is not None:
-        wanted = _declared(labels)
-        reserved = [w for w in wanted if w in RESERVED or w.startswith("meta_")]
-        if reserved:
-            raise ManifestError(
-                f"{source}: declared labels {reserved} are reserved or metadata columns; declare only "
-                "binary label columns"
-            )
-        repeated = sorted({w for w in wanted if wanted.count(w) > 1})
-        if repeated:
-            raise ManifestError(f"{source}: labels {repeated} are declared more than once")
-        missing = [w for w in wanted if w not in header]
-        if missing:
-            raise ManifestError(
-                f"{source}: declared labels {missing[:_MAX_NAMED]} are not columns of the manifest "
-                f"(its other columns: {free[:12]}{' ...' if len(free) > 12 else ''})"
-            )
-        label_names = [h for h in free if h in set(wanted)]
-    else:
-        label_names = [h for h in free if all(v in _LABEL_VALUES for v in cols[h])]
-        kept = [h for h in free if h not in set(label_names)]
-        if kept:
-            shown = ", ".join(kept[:_MAX_NAMED]) + (
-                f" and {len(kept) - _MAX_NAMED} more" if len(kept) > _MAX_NAMED else ""
-            )
-            notes.append(
-                f"{Path(source).name}: columns {shown} hold values other than 1/0/-1/blank and are kept "
-                f"as metadata; {len(label_names)} label columns inferred (declare them with --labels)"
-            )
-    meta: dict[str, str] = {h: h for h in header if h.startswith("meta_")}
-    for h in free:
-        if h in label_names:
-            continue
-        key = f"meta_{h}"
-        if key in meta:
-            raise ManifestError(
-                f"{source}: columns '{h}' and '{key}' would both be kept as metadata '{key}'; rename one"
-            )
-        meta[key] = h
-    return label_names, meta, notes
 
 
 def write_manifest(path: str | Path, columns: dict[str, list | np.ndarray]) -> Path:
