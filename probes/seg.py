@@ -74,7 +74,6 @@ import numpy as np
 from featcache.errors import FeatcacheError, StoreError
 from featcache.progress import probe_progress
 from featcache.store.feature_store import FeatureSet, FeatureStore
-from featcache.store.preprocess import Preprocess
 
 from .data import open_checked_set
 from .results import append_jsonl, make_rows
