@@ -314,12 +314,13 @@ def main() -> int:
             cpu_bf16=a.get("cpu_bf16"),
             threads=a.get("threads"),
             shard_rows=a.get("shard_rows"),
-            # neither the summary nor the attributes record the micro-batch; on CPU it never backs off
-            # (only a CUDA out-of-memory error halves it), so every forward took min(batch, shard rows)
+            # the set records what the out-of-memory back-off settled on; a forward never spans shards
             micro_batch={
-                "requested": batch,
-                "largest_forward": min(batch, a.get("shard_rows") or batch),
-                "recorded_by_command": False,
+                **(a.get("micro_batch") or {"requested": batch, "final": batch}),
+                "largest_forward": min(
+                    (a.get("micro_batch") or {}).get("final", batch), a.get("shard_rows") or batch
+                ),
+                "recorded_by_command": "micro_batch" in a,
             },  # fmt: skip
         )
 
@@ -357,8 +358,9 @@ def main() -> int:
         print(f"  peak RSS {out['peak_rss_mib'] / 1024:.2f} GiB (largest process); tree PSS peak "
               f"{out['tree_pss_peak_mib'] / 1024:.2f} GiB over {out['tree_processes']} processes; lowest "
               f"MemAvailable {out['mem_available_min_gib']:.2f} of {out['mem_total_gib']:.1f} GiB")  # fmt: skip
-        print(f"  micro-batch {out['micro_batch']['largest_forward']} (batch {batch}, shard rows {out['shard_rows']}; "
-              "not recorded by the command)")  # fmt: skip
+        mb = out["micro_batch"]
+        print(f"  micro-batch {mb['largest_forward']} per forward (recorded {mb.get('final')} of {mb.get('requested')} "
+              f"requested, {mb.get('out_of_memory', 0)} out-of-memory back-offs; shard rows {out['shard_rows']})")  # fmt: skip
         return 0
     finally:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -325,7 +325,7 @@ def _extract(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
         updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=device_name(device),
         threads={k: v for k, v in threads.items() if k != "previous"},
-        micro_batch=micro.record() if processed else fs.attrs.get("micro_batch"),
+        micro_batch=micro.record(),  # what the last run's out-of-memory back-off did
     )  # also rewrites the consolidated metadata, so other Zarr readers see the finished set
     failures = fs.failures()
     return ExtractResult(
