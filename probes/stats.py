@@ -57,7 +57,7 @@ from probes._stats_delong import (
     delong,
     delong_var,
 )
-from probes.metrics import _binary_labels, _finite_scores, _rank_auroc, _tie_bounds
+from probes.rank_metrics import _binary_labels, _finite_scores, _rank_auroc, _tie_bounds
 
 __all__ = [
     "CI",
