@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from probes.metrics import _binary_labels, _finite_scores, _tie_bounds
+from probes.rank_metrics import _binary_labels, _finite_scores, _tie_bounds
 
 MIN_PATIENTS = 2  # positive and negative units a variance, CI or p-value needs
 

@@ -45,8 +45,9 @@ from .data import ProbeData, load_probe_data
 from .fit import Scored
 from .results import RESULT_FIELDS, append_jsonl, make_rows
 from .roc import roc_curve_params
-from .score_rows import score_entries
+from .score_rows import _binary_targets, score_entries
 from .stats import bootstrap_ci
+from .subgroups import subgroup_entries
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 MIN_CI_PATIENTS = 2  # positive and negative test patients a label needs for a bootstrap CI
@@ -87,14 +88,6 @@ def _context(data: ProbeData, probe: str) -> dict[str, Any]:
     if c.get("featcache_version"):
         params["extracted_with"] = c["featcache_version"]
     return {"context": row, "params": params}
-
-
-def _binary_targets(data: ProbeData, split: str) -> np.ndarray:
-    """float64 [n, L]: multi-label targets, or the one-vs-rest view of multi-class targets."""
-    y = data.split(split).y
-    if data.task == "multilabel":
-        return y.astype(np.float64)
-    return metrics.one_hot(y, len(data.label_names))
 
 
 def _finite(x) -> float | None:
@@ -279,10 +272,10 @@ def evaluate_scores(
         known = ~np.isnan(Y[:, names.index(label)])
         counts = {"n_test": int(known.sum()), "n_patients_test": int(len(np.unique(patients[known])))}
         entry(label, metric, value, label_extra[names.index(label)], **counts, **e, params=p)
-    if by:
-        from .subgroups import subgroup_entries
-
-        entries += subgroup_entries(data, sc, base, params, n_boot, seed, by, n_bins=n_bins)
+    if by:  # the same evaluation again on each group's rows
+        entries += subgroup_entries(
+            data, sc, base, params, n_boot, seed, by, n_bins=n_bins, evaluate=evaluate_scores
+        )
     return entries
 
 

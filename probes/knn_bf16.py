@@ -16,7 +16,7 @@ import numpy as np
 
 from ._linalg import l2_normalize
 from .knn import _FaissThreads
-from .knn_search import SearchError, _block_topk
+from .knn_topk import SearchError, block_topk
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _F32_U = 2.0**-24
@@ -162,7 +162,7 @@ def bf16_search(
             if bad.size:
                 fallback += bad.size
                 with _FaissThreads(n_jobs):
-                    sims[a + bad], idx[a + bad] = _block_topk(q[bad], Xn, k)  # exact ties by row
+                    sims[a + bad], idx[a + bad] = block_topk(q[bad], Xn, k)  # exact ties by row
     finally:
         torch.set_num_threads(saved)
     stats = {

@@ -31,23 +31,17 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import faiss
 import numpy as np
-
-from featcache.errors import FeatcacheError
 
 from ._linalg import l2_normalize
 from .knn import KNNProbe, ProbeInputError, _FaissThreads
+from .knn_topk import SearchError, block_topk, merge_topk
 
 # Queries go to FAISS this many at a time, as KNNProbe's in-memory search does: FAISS takes another
 # code path (and rounds differently) below 20 queries, so both must cut the queries the same way.
 QUERY_BLOCK = 2048
 # Train rows searched per FAISS call when no memory cap says otherwise.
 _CHUNK_ROWS = 65536
-
-
-class SearchError(FeatcacheError, ValueError):
-    """Bad input to a search engine (a block of the wrong width, NaN rows, a cap too small)."""
 
 
 # ---- block sources ----
@@ -120,41 +114,6 @@ def _checked_block(block, d: int | None, pos: int) -> np.ndarray:
 # ---- exact streamed search ----
 
 
-def _block_topk(Q: np.ndarray, Xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of normalised queries against one normalised chunk, exact ties by position.
-
-    FAISS's heap breaks exact ties in no fixed order; asking one more and, where the tie reaches
-    past the k-th, sorting the whole chunk makes the k kept the lowest positions of the tie.
-    Returns float32 [nq, kb], int64 [nq, kb] local positions (kb = min(k, b)), ordered by
-    (sim decreasing, position increasing).
-    """
-    b = Xb.shape[0]
-    kb = min(k + 1, b)
-    S, ids = faiss.knn(Q, Xb, kb, metric=faiss.METRIC_INNER_PRODUCT)
-    if kb == k + 1:
-        tied = S[:, k] == S[:, k - 1]
-        if tied.any():  # whole-chunk list for this query block (same FAISS path: same rounding)
-            S2, ids2 = faiss.knn(Q, Xb, b, metric=faiss.METRIC_INNER_PRODUCT)
-            o = np.lexsort((ids2[tied], -S2[tied]), axis=-1)[:, :kb]
-            S[tied] = np.take_along_axis(S2[tied], o, 1)
-            ids[tied] = np.take_along_axis(ids2[tied], o, 1)
-        S, ids = S[:, :k], ids[:, :k]
-    o = np.lexsort((ids, -S), axis=-1)
-    return np.take_along_axis(S, o, 1), np.take_along_axis(ids, o, 1)
-
-
-def _merge(S_run, I_run, S_new, I_new, k: int):
-    """Merge two canonical lists where every new position exceeds every running one.
-
-    A stable sort on the similarity alone keeps (sim decreasing, position increasing) because the
-    running list comes first and each list is already in that order.
-    """
-    S = np.concatenate([S_run, S_new], axis=1)
-    ids = np.concatenate([I_run, I_new], axis=1)
-    o = np.argsort(-S, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(S, o, 1), np.take_along_axis(ids, o, 1)
-
-
 def plan_stream(n_queries: int, d: int, k: int, memory_cap: int | None) -> tuple[int, int]:
     """Train rows per FAISS call and queries per pass over the train stream for a memory cap.
 
@@ -203,8 +162,8 @@ def _stream_pass(Q, qblocks, source, k: int, d: int, chunk_rows: int, keep, st: 
         st["chunks"] += count
         st["max_chunk_rows"] = max(st["max_chunk_rows"], Xb.shape[0])
         for j, s in enumerate(qblocks):
-            S_b, ids_b = _block_topk(Q[s], Xb, k)
-            run[j] = _merge(*run[j], S_b, ids_b + pos, k)
+            S_b, ids_b = block_topk(Q[s], Xb, k)
+            run[j] = merge_topk(*run[j], S_b, ids_b + pos, k)
         pos += n_pending
         n_pending = 0
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+from .figures import DPI, matplotlib_agg, save_png
 from .results import drop_duplicates
 from .tables import check_one_setting, per_label_grid, select, show, sorted_keys, summarize
 
@@ -49,25 +50,7 @@ _METRIC_NAMES = {
     "brier": "Brier score",
 }
 _FIGSIZE = (6.4, 4.4)  # inches
-_DPI = 150  # so a plot is 960 x 660 pixels
 _MARKERS = "osD^vP*Xhp<>"
-
-
-def _mpl():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FeatcacheError("plotting needs matplotlib: pip install featcache[plot]") from None
-    return Figure, FigureCanvasAgg
-
-
-def _save(fig, path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=_DPI)
-    return path
 
 
 def _is_number(v: Any) -> bool:
@@ -161,10 +144,10 @@ def thin_ticks(xs: Sequence[float], log: bool, min_gap: float = 0.07) -> list[bo
 
 
 def _curves(series_, xlabel: str, ylabel: str, title: str, band: bool, log2: bool):
-    Figure, Canvas = _mpl()
+    Figure, Canvas = matplotlib_agg()
     from matplotlib.ticker import NullLocator
 
-    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    fig = Figure(figsize=_FIGSIZE, dpi=DPI)
     Canvas(fig)
     ax = fig.add_subplot()
     xs_all = sorted({x for pts in series_.values() for x, _ in pts})
@@ -227,7 +210,7 @@ def _curve_plot(
     rows = list(rows)
     s, runs = series(rows, x_field, by, metric, label, probe, where)
     title = (title or _default_title(runs, what)) + _mean_note(runs, label)
-    return _save(_curves(s, xlabel, _axis_label(metric, label), title, band, log2), path)
+    return save_png(_curves(s, xlabel, _axis_label(metric, label), title, band, log2), path)
 
 
 def plot_fewshot(
@@ -313,10 +296,10 @@ def plot_k(
 
 def _forest(g, path, xlabel: str, title: str, zero_line: bool) -> Path:
     """Horizontal intervals: one row per label (``mean`` last, bottom), one colour per column."""
-    Figure, Canvas = _mpl()
+    Figure, Canvas = matplotlib_agg()
     n_lab, n_col = len(g.lines), len(g.cols)
     height = max(2.6, 0.9 + 0.28 * n_lab * max(1, min(n_col, 4)) ** 0.5 + 0.2 * n_col)
-    fig = Figure(figsize=(_FIGSIZE[0], min(height, 30.0)), dpi=_DPI)
+    fig = Figure(figsize=(_FIGSIZE[0], min(height, 30.0)), dpi=DPI)
     Canvas(fig)
     ax = fig.add_subplot()
     step = 0.8 / max(n_col, 1)
@@ -364,7 +347,7 @@ def _forest(g, path, xlabel: str, title: str, zero_line: bool) -> Path:
         frozenset(kinds), "bars: bootstrap CI or ± 1 SD over seeds" if kinds else None
     )
     ax.legend(fontsize="small", loc="best", title=note, title_fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_forest(

@@ -28,6 +28,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+from .figures import matplotlib_agg, save_png
+
 __all__ = ["ROC_DECIMALS", "ROC_MAX_POINTS", "plot_roc", "roc_curve_params", "roc_vertices", "thin_roc"]
 
 ROC_MAX_POINTS = 101
@@ -161,8 +163,6 @@ def plot_roc(
     Raises:
         FeatcacheError: no row carries a ROC curve, or matplotlib is missing.
     """
-    from .plots import _mpl, _save
-
     where = {"dataset": dataset, "probe": probe, "model": backbone, "label": label}
     curves = _curves(rows, where)
     if not curves:
@@ -171,7 +171,7 @@ def plot_roc(
             + "".join(f" {k}={v}" for k, v in where.items() if v is not None)
             + "; rows written before ROC curves were stored have none: re-run the probe"
         )
-    Figure, FigureCanvasAgg = _mpl()
+    Figure, FigureCanvasAgg = matplotlib_agg()
     n = len(curves)
     cols = min(n, 4)
     grid_rows = -(-n // cols)
@@ -196,4 +196,4 @@ def plot_roc(
         ax.set_ylabel("true positive rate", fontsize=8)
     fig.suptitle(title or " ".join(str(v) for v in (dataset, probe) if v) or "ROC curves", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

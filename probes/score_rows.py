@@ -16,7 +16,7 @@ This module does not import torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,8 +26,19 @@ from featcache.progress import probe_progress
 from . import calibration, metrics
 from .stats import MIN_PATIENTS, bootstrap_draws
 
+if TYPE_CHECKING:
+    from .data import ProbeData
+
 SCORE_METRICS = ("auprc", "ece", "brier")
 _BLOCK = 2_000_000  # float64 weights per block of draws
+
+
+def _binary_targets(data: ProbeData, split: str) -> np.ndarray:
+    """float64 [n, L]: multi-label targets, or the one-vs-rest view of multi-class targets."""
+    y = data.split(split).y
+    if data.task == "multilabel":
+        return y.astype(np.float64)
+    return metrics.one_hot(y, len(data.label_names))
 
 
 def draw_counts(patients: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

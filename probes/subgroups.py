@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from featcache.store.feature_store import FeatureStore
 
 from .data import ProbeData, Split
 from .fit import Scored
-from .score_rows import ci_reason, draw_counts, metric_draws, metric_value, percentile_ci
+from .score_rows import _binary_targets, ci_reason, draw_counts, metric_draws, metric_value, percentile_ci
 
 MAX_LEVELS = 4
 """A numeric column with at most this many distinct values is treated as categories, not banded."""
@@ -191,6 +191,8 @@ def subgroup_entries(
     seed: int,
     by: str | Sequence[str],
     n_bins: int = 10,
+    *,
+    evaluate: Callable[..., list[dict[str, Any]]],
 ) -> list[dict[str, Any]]:
     """Every metric per subgroup, and the gaps between groups (module docstring).
 
@@ -198,12 +200,13 @@ def subgroup_entries(
         data, sc, base, params, n_boot, seed: as :func:`probes.evaluate.evaluate_scores`.
         by: the grouping columns (:func:`parse_by`).
         n_bins: ECE bins.
+        evaluate: the per-group evaluation, called as ``evaluate(data, sc, base, params, n_boot,
+            seed, n_bins=n_bins)`` on each group's rows: :func:`probes.evaluate.evaluate_scores`,
+            which passes itself (so this module needs nothing from it).
 
     Returns:
         Entries for :func:`probes.results.make_rows`.
     """
-    from .evaluate import _binary_targets, evaluate_scores
-
     entries: list[dict[str, Any]] = []
     Y = _binary_targets(data, "test")
     S = np.asarray(sc.test, dtype=np.float64)
@@ -218,7 +221,7 @@ def subgroup_entries(
         for name in g.names:
             mask = g.group == name
             d, s = subset(data, sc, mask)
-            entries += evaluate_scores(
+            entries += evaluate(
                 d, s, base, {**params, **gp, "subgroup": {g.column: name}}, n_boot, seed, n_bins=n_bins
             )
         if len(g.names) >= 2:
