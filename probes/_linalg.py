@@ -18,13 +18,6 @@ from scipy.special import softmax
 
 from featcache.errors import FeatcacheError
 
-from ._lbfgs import (  # noqa: F401  (re-exported: the probes import the solvers from here)
-    batched_lbfgs,
-    fit_binary_newton_dual,
-    fit_multinomial_lbfgs,
-    fit_ovr_lbfgs,
-)
-
 TASKS = ("multilabel", "multiclass")
 
 
@@ -258,7 +251,7 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     Returns:
         AUROC in [0, 1]; NaN when the known labels hold only one class.
     """
-    from .metrics import auroc as _auroc
+    from probes.metrics import auroc as _auroc
 
     y = np.asarray(y_true, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)

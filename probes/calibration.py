@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .metrics import _binary_labels, _finite_scores
+from probes.metrics import _binary_labels, _finite_scores
 
 __all__ = [
     "DEFAULT_BINS",

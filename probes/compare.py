@@ -11,13 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from . import metrics
-from .data import check_same_test
-from .evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
-from .fit import knn_scores, logreg_scores
-from .logreg import DEFAULT_C_GRID
-from .stats import delong, headline_p, holm, paired_bootstrap
+from probes import metrics
+from probes.data import check_same_test
+from probes.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
+from probes.fit import knn_scores, logreg_scores
+from probes.logreg import DEFAULT_C_GRID
+from probes.stats import delong, headline_p, holm, paired_bootstrap
 
 
 def run_compare(

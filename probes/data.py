@@ -33,8 +33,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError, StoreError
 from featcache.store.feature_store import FeatureSet, FeatureStore
-
-from .labels import apply_uncertain
+from probes.labels import apply_uncertain
 
 SPLITS = ("train", "val", "test")
 _LAYER = re.compile(r"^(layer_cls|layer_pooled)(?::(-?\d+))?$")

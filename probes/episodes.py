@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .data import ProbeData
-from .fewshot import Episode
+from probes.data import ProbeData
+from probes.fewshot import Episode
 
 try:  # serialises writers of a shared episodes file (POSIX)
     import fcntl

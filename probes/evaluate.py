@@ -38,16 +38,15 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from . import metrics
-from .calibration import DEFAULT_BINS
-from .data import ProbeData, load_probe_data
-from .fit import Scored
-from .results import RESULT_FIELDS, append_jsonl, make_rows
-from .roc import roc_curve_params
-from .score_rows import _binary_targets, score_entries
-from .stats import bootstrap_ci
-from .subgroups import subgroup_entries
+from probes import metrics
+from probes.calibration import DEFAULT_BINS
+from probes.data import ProbeData, load_probe_data
+from probes.fit import Scored
+from probes.results import RESULT_FIELDS, append_jsonl, make_rows
+from probes.roc import roc_curve_params
+from probes.score_rows import _binary_targets, score_entries
+from probes.stats import bootstrap_ci
+from probes.subgroups import subgroup_entries
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 MIN_CI_PATIENTS = 2  # positive and negative test patients a label needs for a bootstrap CI

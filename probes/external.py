@@ -39,8 +39,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.store.feature_store import FeatureSet, FeatureStore
-
-from .data import (
+from probes.data import (
     ProbeData,
     Split,
     _feature_parts,
@@ -49,9 +48,9 @@ from .data import (
     load_probe_data,
     open_checked_set,
 )
-from .evaluate import DEFAULT_KS, _context, _finish, evaluate_scores
-from .fit import knn_scores, logreg_scores
-from .logreg import DEFAULT_C_GRID
+from probes.evaluate import DEFAULT_KS, _context, _finish, evaluate_scores
+from probes.fit import knn_scores, logreg_scores
+from probes.logreg import DEFAULT_C_GRID
 
 __all__ = ["TEST_SPLITS", "external_lines", "run_external"]
 

@@ -53,8 +53,7 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from featcache.errors import FeatcacheError
-
-from ._linalg import (
+from probes._linalg import (
     check_features,
     check_targets,
     check_task,

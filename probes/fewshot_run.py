@@ -26,10 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from . import metrics
-from .data import ProbeData
-from .episodes import (
+from probes import metrics
+from probes.data import ProbeData
+from probes.episodes import (
     SAMPLINGS,
     _eligible_patients,
     episodes_path,
@@ -37,8 +36,8 @@ from .episodes import (
     load_episodes,
     save_episodes,
 )
-from .evaluate import _context, _finish, _finite, _load
-from .fewshot import fewshot_scores, sample_episodes
+from probes.evaluate import _context, _finish, _finite, _load
+from probes.fewshot import fewshot_scores, sample_episodes
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -196,7 +195,7 @@ def run_fewshot(
 
 def _pool(data: ProbeData) -> ProbeData:
     """``data`` with the validation rows moved into train (the few-shot support pool)."""
-    from .data import merge_train_val
+    from probes.data import merge_train_val
 
     return merge_train_val(data)
 

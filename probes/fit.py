@@ -26,9 +26,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
-
-from .data import ProbeData, Split, merge_train_val, with_carved_val
-from .logreg import LogRegProbe
+from probes.data import ProbeData, Split, merge_train_val, with_carved_val
+from probes.logreg import LogRegProbe
 
 N_FOLDS = 5
 """Patient-grouped folds of the out-of-fold scores that thresholds are chosen on."""
@@ -176,17 +175,17 @@ def _knn_raw(
 ) -> dict[int, np.ndarray]:
     """Scores of ``X`` for every k of ``ks`` (each at most ``len(train)``), by ``method``."""
     if method == "mlknn":
-        from .mlknn import MLkNNProbe
+        from probes.mlknn import MLkNNProbe
 
         fits = {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y) for k in ks}
         return _in_blocks(X, lambda q: {k: m.predict_proba(q) for k, m in fits.items()}, "ML-kNN")
     search = kw.get("search", "flat")
     if search == "flat":
-        from .knn import KNNProbe
+        from probes.knn import KNNProbe
 
         probe = KNNProbe(k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method)
     else:  # bf16 pre-search + exact float32 re-rank: the same neighbours (probes/knn_bf16.py)
-        from .knn_search import ScalableKNNProbe
+        from probes.knn_search import ScalableKNNProbe
 
         probe = ScalableKNNProbe(
             k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method, search=search
@@ -298,7 +297,7 @@ def knn_scores(
 
 def _knn_streamed(data: ProbeData, ks, *, temperature, method, source, memory_cap) -> dict[int, Scored]:
     """Exact kNN with the fitted rows streamed from the store (``probes.knn_search``), test in memory."""
-    from .knn_search import ScalableKNNProbe
+    from probes.knn_search import ScalableKNNProbe
 
     if method == "mlknn" or source is None:
         raise FeatcacheError(

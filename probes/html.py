@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from featcache import __version__
-
-from .tables import show
+from probes.tables import show
 
 __all__ = ["label_set_table", "provenance_table", "render_html", "write_html"]
 

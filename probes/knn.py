@@ -46,8 +46,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import DataConversionWarning, NotFittedError
 
 from featcache.errors import FeatcacheError
-
-from ._linalg import VOTES, auroc_columns, check_features, check_targets, check_task, knn_vote, l2_normalize
+from probes._linalg import (
+    VOTES,
+    auroc_columns,
+    check_features,
+    check_targets,
+    check_task,
+    knn_vote,
+    l2_normalize,
+)
 
 # Queries are searched this many at a time, bounding the [block, k, L] vote tensors.
 _QUERY_BLOCK = 2048

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._linalg import l2_normalize
-from .knn import _FaissThreads
-from .knn_topk import SearchError, block_topk
+from probes._linalg import l2_normalize
+from probes.knn import _FaissThreads
+from probes.knn_topk import SearchError, block_topk
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _F32_U = 2.0**-24

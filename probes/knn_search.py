@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ._linalg import l2_normalize
-from .knn import KNNProbe, ProbeInputError, _FaissThreads
-from .knn_topk import SearchError, block_topk, merge_topk
+from probes._linalg import l2_normalize
+from probes.knn import KNNProbe, ProbeInputError, _FaissThreads
+from probes.knn_topk import SearchError, block_topk, merge_topk
 
 # Queries go to FAISS this many at a time, as KNNProbe's in-memory search does: FAISS takes another
 # code path (and rounds differently) below 20 queries, so both must cut the queries the same way.
@@ -371,7 +371,7 @@ class ScalableKNNProbe(KNNProbe):
                     f"{self.n_train_} of fit: the store changed; fit again"
                 )
         else:
-            from .knn_bf16 import bf16_search
+            from probes.knn_bf16 import bf16_search
 
             if getattr(self, "_xb", None) is None:
                 import torch  # optional: search="bf16" only

@@ -46,8 +46,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 
 from featcache.errors import FeatcacheError
-
-from ._linalg import (
+from probes._linalg import (
     auroc_columns,
     check_features,
     check_targets,
@@ -57,7 +56,7 @@ from ._linalg import (
     multinomial_proba,
     ovr_auroc,
 )
-from .labels import apply_uncertain  # noqa: F401  (re-exported: probes.logreg.apply_uncertain)
+from probes.labels import apply_uncertain  # noqa: F401  (re-exported: probes.logreg.apply_uncertain)
 
 DEFAULT_C_GRID: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-6, 6))
 """Inverse regularisation strengths tried when no ``C`` is given: 1e-6, 1e-5, ..., 1e5."""

@@ -24,8 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .rank_metrics import (
+from probes.rank_metrics import (
     _binary_labels,
     _finite_scores,
     auroc,

@@ -34,9 +34,15 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from featcache.errors import FeatcacheError
-
-from ._linalg import auroc_columns, check_targets, l2_normalize
-from .knn import _QUERY_BLOCK, ProbeInputError, ProbeNotFittedError, _FaissThreads, as_ks, checked_features
+from probes._linalg import auroc_columns, check_targets, l2_normalize
+from probes.knn import (
+    _QUERY_BLOCK,
+    ProbeInputError,
+    ProbeNotFittedError,
+    _FaissThreads,
+    as_ks,
+    checked_features,
+)
 
 
 class MLkNNProbe(BaseEstimator):

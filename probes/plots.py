@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .figures import DPI, matplotlib_agg, save_png
-from .results import drop_duplicates
-from .tables import check_one_setting, per_label_grid, select, show, sorted_keys, summarize
+from probes.figures import DPI, matplotlib_agg, save_png
+from probes.results import drop_duplicates
+from probes.tables import check_one_setting, per_label_grid, select, show, sorted_keys, summarize
 
 __all__ = [
     "labels_in_mean",
@@ -401,7 +400,7 @@ def plot_compare(
         FeatcacheError: no comparison rows, a pair holding two settings, or matplotlib missing.
     """
     sel = select(list(rows), "auroc_diff", None, None, where)
-    from .tables import grid, label_order
+    from probes.tables import grid, label_order
 
     for r in sel:  # the pair: set A (its store set, else model/res) minus set B
         r["pair"] = (
@@ -414,7 +413,7 @@ def plot_compare(
 
 def __getattr__(name: str):
     if name == "plot_roc":  # lives in probes.roc (which imports this module's helpers)
-        from .roc import plot_roc
+        from probes.roc import plot_roc
 
         return plot_roc
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@ number (re-runs dropped, seeds averaged, CIs shown) is described in :mod:`probes
 
 from __future__ import annotations
 
-from .html import render_html, write_html
-from .plots import (
+from probes.html import render_html, write_html
+from probes.plots import (
     _series,
     labels_in_mean,
     plot_compare,
@@ -18,7 +18,7 @@ from .plots import (
     plot_resolution,
     thin_ticks,
 )
-from .tables import (
+from probes.tables import (
     SETTING_FIELDS,
     Grid,
     fewshot_table,

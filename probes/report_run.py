@@ -179,13 +179,13 @@ def run_report(
         FeatcacheError: unreadable results, no matching rows, a bad format or table kind, a plot or
             cell that mixes settings.
     """
-    from .plots import plot_compare as _plot_compare
-    from .plots import plot_fewshot
-    from .plots import plot_forest as _plot_forest
-    from .plots import plot_k as _plot_k
-    from .plots import plot_resolution as _plot_res
-    from .results import drop_duplicates, read_jsonl
-    from .tables import (
+    from probes.plots import plot_compare as _plot_compare
+    from probes.plots import plot_fewshot
+    from probes.plots import plot_forest as _plot_forest
+    from probes.plots import plot_k as _plot_k
+    from probes.plots import plot_resolution as _plot_res
+    from probes.results import drop_duplicates, read_jsonl
+    from probes.tables import (
         grid,
         grid_records,
         grid_table,
@@ -292,7 +292,7 @@ def run_report(
         figures.append((f"kNN: {metric} against k", _plot_k(rows, plot_k, by=by, metric=metric, label=label)))
         text += f"\nk plot: {figures[-1][1]}\n"
     if html is not None:
-        from .html import write_html
+        from probes.html import write_html
 
         with tempfile.TemporaryDirectory() as tmp:
             figures += _auto_figures(rows, per_label, figures, Path(tmp), by, metric, label, said)
@@ -329,8 +329,8 @@ def _auto_figures(
 ) -> list[tuple[str, Path]]:
     """The figures an HTML report shows when not asked for one by one; a figure that cannot be drawn
     (e.g. matplotlib missing) is left out and said once."""
-    from .plots import plot_compare, plot_fewshot, plot_forest, plot_k
-    from .roc import plot_roc
+    from probes.plots import plot_compare, plot_fewshot, plot_forest, plot_k
+    from probes.roc import plot_roc
 
     made_kinds = {c.split(":")[0].split(" ")[0] for c, _ in made}
     todo = []

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .figures import matplotlib_agg, save_png
+from probes.figures import matplotlib_agg, save_png
 
 __all__ = ["ROC_DECIMALS", "ROC_MAX_POINTS", "plot_roc", "roc_curve_params", "roc_vertices", "thin_roc"]
 
@@ -112,7 +111,7 @@ def roc_curve_params(y: np.ndarray, s: np.ndarray, max_points: int = ROC_MAX_POI
 
 def _curves(rows: Iterable[Mapping[str, Any]], where: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
     """label -> series name -> the newest ``params.roc`` of that label (rows of ``where``)."""
-    from .results import drop_duplicates
+    from probes.results import drop_duplicates
 
     rows = [
         r

@@ -22,15 +22,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .compare import run_compare
-from .data import load_probe_data
-from .episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
-from .evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
-from .fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
-from .fit import knn_scores, logreg_scores
-from .logreg import DEFAULT_C_GRID, DINOV2_C_GRID
-from .report_run import run_report
+from probes.compare import run_compare
+from probes.data import load_probe_data
+from probes.episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
+from probes.evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
+from probes.fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
+from probes.fit import knn_scores, logreg_scores
+from probes.logreg import DEFAULT_C_GRID, DINOV2_C_GRID
+from probes.report_run import run_report
 
 __all__ = [
     "SAMPLINGS",
@@ -118,7 +117,7 @@ def run_knn(
     run = _context(data, "knn")
     source = None
     if streamed:
-        from .knn_search import StoreBlocks
+        from probes.knn_search import StoreBlocks
 
         rows = np.concatenate([data.train.rows, data.val.rows])
         source = StoreBlocks(data.context["store"], data.context["store_set"], str(features), rows=rows)

@@ -22,12 +22,11 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
-
-from . import calibration, metrics
-from .stats import MIN_PATIENTS, bootstrap_draws
+from probes import calibration, metrics
+from probes.stats import MIN_PATIENTS, bootstrap_draws
 
 if TYPE_CHECKING:
-    from .data import ProbeData
+    from probes.data import ProbeData
 
 SCORE_METRICS = ("auprc", "ece", "brier")
 _BLOCK = 2_000_000  # float64 weights per block of draws

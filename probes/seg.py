@@ -74,16 +74,15 @@ import numpy as np
 from featcache.errors import FeatcacheError, StoreError
 from featcache.progress import probe_progress
 from featcache.store.feature_store import FeatureSet, FeatureStore
-
-from .data import open_checked_set
-from .results import append_jsonl, make_rows
-from .seg_data import Masks, scoring_spacings, seg_rows, structure_names, training_targets
-from .seg_frame import Scorer, nearest_resize
-from .seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
-from .seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
-from .seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
-from .seg_unet import LayerChoice, resolve_layers
-from .seg_volume import SCORED_PER, score_volumes, volume_groups
+from probes.data import open_checked_set
+from probes.results import append_jsonl, make_rows
+from probes.seg_data import Masks, scoring_spacings, seg_rows, structure_names, training_targets
+from probes.seg_frame import Scorer, nearest_resize
+from probes.seg_heads import HEADS, SegProbe, StoreTokens, _resolved_lr, mean_mask_baseline
+from probes.seg_metrics import SEG_METRICS, _ci_entries, _over_structures, dice, hd95, jaccard, seg_metrics  # noqa: F401
+from probes.seg_study import PROTOCOLS, STUDY_BATCH, STUDY_EPOCHS, STUDY_LRS, fit_study_linear
+from probes.seg_unet import LayerChoice, resolve_layers
+from probes.seg_volume import SCORED_PER, score_volumes, volume_groups
 
 __all__ = [
     "HEADS",

@@ -22,10 +22,9 @@ from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError
 from featcache.store.feature_store import FeatureSet
 from featcache.store.preprocess import Preprocess
-
-from .data import SPLITS, carve_val
-from .seg_frame import SPACING_TAGS, nearest_resize, pixel_spacing
-from .seg_volume import SPACING_COLUMNS, slice_spacings, spacing_unit
+from probes.data import SPLITS, carve_val
+from probes.seg_frame import SPACING_TAGS, nearest_resize, pixel_spacing
+from probes.seg_volume import SPACING_COLUMNS, slice_spacings, spacing_unit
 
 __all__ = ["Masks", "hd95_unit", "seg_rows", "structure_names", "scoring_spacings", "training_targets"]
 

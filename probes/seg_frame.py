@@ -42,8 +42,7 @@ import numpy as np
 from featcache.decode.images import is_dicom
 from featcache.errors import FeatcacheError
 from featcache.store.preprocess import Preprocess, nearest_index
-
-from .seg_heads import _baseline_from_counts
+from probes.seg_heads import _baseline_from_counts
 
 __all__ = [
     "SPACING_TAGS",

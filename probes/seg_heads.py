@@ -33,9 +33,8 @@ from sklearn.base import BaseEstimator
 from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
 from featcache.store.feature_store import FeatureSet
-
-from .seg_metrics import _over_structures, dice
-from .seg_unet import build_unet
+from probes.seg_metrics import _over_structures, dice
+from probes.seg_unet import build_unet
 
 __all__ = ["HEADS", "SegProbe", "StoreTokens", "mean_mask_baseline"]
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .stats import bootstrap_ci
+from probes.stats import bootstrap_ci
 
 __all__ = ["SEG_METRICS", "dice", "hd95", "jaccard", "seg_metrics"]
 

@@ -38,8 +38,7 @@ import math
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .seg_heads import SegProbe, _as_source, _Deterministic, _flat
+from probes.seg_heads import SegProbe, _as_source, _Deterministic, _flat
 
 __all__ = ["PROTOCOLS", "STUDY_LINEAR", "STUDY_LRS", "dice_loss", "fit_study_linear"]
 

@@ -34,9 +34,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.store.feature_store import FeatureSet
-
-from .aggregate import volume_ids
-from .seg_metrics import SEG_METRICS, seg_metrics
+from probes.aggregate import volume_ids
+from probes.seg_metrics import SEG_METRICS, seg_metrics
 
 __all__ = [
     "SCORED_PER",

@@ -25,8 +25,7 @@ from typing import Any
 from featcache.errors import FeatcacheError
 from featcache.progress import VERBOSE, Progress, get_verbosity
 from featcache.study.plan import Extraction, ProbeStep, StudyError, StudyPlan, plan_steps
-
-from .results import append_jsonl, read_jsonl
+from probes.results import append_jsonl, read_jsonl
 
 __all__ = ["StudyOutcome", "complete_sets", "done_steps", "run_study"]
 
@@ -128,7 +127,7 @@ def _extract(plan: StudyPlan, e: Extraction, quiet: bool) -> None:
 
 
 def _probe(plan: StudyPlan, step: ProbeStep, episodes: Path) -> list[dict]:
-    from .run import run_fewshot, run_knn, run_logreg
+    from probes.run import run_fewshot, run_knn, run_logreg
 
     d = next(d for d in plan.datasets if d.name == step.extraction.dataset)
     s = step.settings
@@ -178,7 +177,7 @@ def run_study(
         StudyError: with ``extract=False``, sets the pending steps need are not extracted.
         FeatcacheError: a probe or an extraction refused (the set is named).
     """
-    from .report_run import run_report
+    from probes.report_run import run_report
 
     quiet = get_verbosity() < 0
     verbose = get_verbosity() >= VERBOSE

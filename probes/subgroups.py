@@ -43,10 +43,16 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.store.feature_store import FeatureStore
-
-from .data import ProbeData, Split
-from .fit import Scored
-from .score_rows import _binary_targets, ci_reason, draw_counts, metric_draws, metric_value, percentile_ci
+from probes.data import ProbeData, Split
+from probes.fit import Scored
+from probes.score_rows import (
+    _binary_targets,
+    ci_reason,
+    draw_counts,
+    metric_draws,
+    metric_value,
+    percentile_ci,
+)
 
 MAX_LEVELS = 4
 """A numeric column with at most this many distinct values is treated as categories, not banded."""

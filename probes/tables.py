@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-
-from .results import RESULT_KEY_FIELDS, drop_duplicates, result_key
+from probes.results import RESULT_KEY_FIELDS, drop_duplicates, result_key
 
 __all__ = [
     "SETTING_FIELDS",
