@@ -38,7 +38,7 @@ import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from probes.knn import KNNProbe
+from probes.estimators.knn import KNNProbe
 
 
 def make_data(n: int, d: int, n_queries: int, n_labels: int, seed: int = 0):
@@ -89,7 +89,7 @@ def _write_store(path: Path, n: int, d: int, seed: int = 0):
 
 def _stream_child(url: str, queries: str, k: int, cap: int, out: str) -> None:
     """Child process: streamed search only, so that its peak RSS is the search's."""
-    from probes.knn_search import StoreBlocks, stream_search
+    from probes.estimators.knn_search import StoreBlocks, stream_search
 
     def status(key: str) -> int:  # kB lines of /proc/self/status (VmRSS now, VmHWM the peak)
         with open("/proc/self/status") as f:
@@ -112,7 +112,7 @@ def bench_stream(args) -> dict:
 
     import faiss
 
-    from probes._linalg import l2_normalize
+    from probes.estimators._linalg import l2_normalize
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
@@ -176,8 +176,8 @@ def bench_stream(args) -> dict:
 def bench_bf16(args) -> dict:
     import faiss
 
-    from probes._linalg import l2_normalize
-    from probes.knn_bf16 import bf16_search
+    from probes.estimators._linalg import l2_normalize
+    from probes.estimators.knn_bf16 import bf16_search
 
     X, _, Q, _ = make_data(args.n_train, args.dim, args.queries, 1)
     times: dict[str, list[float]] = {"flat": [], "bf16": []}

@@ -90,8 +90,8 @@ def run_side(mode: str, cache: str, epochs: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    import probes.seg as seg
-    import probes.seg_data as seg_data
+    import probes.seg.data as seg_data
+    import probes.seg.run as seg
     from featcache.store.feature_store import FeatureStore
 
     # one-time imports both sides pay (the deterministic mode pulls in torch's compiler modules, ~1 s, ~70 MB)
@@ -151,7 +151,7 @@ def run_head(spec: str, cache: str, epochs: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    import probes.seg as seg
+    import probes.seg.run as seg
     from featcache.store.feature_store import FeatureStore
 
     torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())

@@ -138,7 +138,7 @@ _BY_HELP = (
 
 def _echo_by(rows: list[dict], by: str | None) -> None:
     if by:
-        from probes.subgroups import subgroup_lines
+        from probes.evaluation.subgroups import subgroup_lines
 
         for line in subgroup_lines(rows):
             click.echo(line)
@@ -455,8 +455,8 @@ def external(
 
     Example: probes external --cache cache/ --train-set nih/m/512 --test-set chexpert/m/512 --out results.jsonl
     """
+    from probes.estimators.logreg import DEFAULT_C_GRID
     from probes.external import external_lines, run_external
-    from probes.logreg import DEFAULT_C_GRID
 
     rows = run_external(
         cache, train_set, test_set, probe=probe_name, features=features, labels=_csv_list(labels) or None,

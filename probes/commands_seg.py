@@ -1,6 +1,6 @@
 """``probes seg``: the segmentation probe on patch tokens (registered by ``probes.commands``).
 
-torch is imported by the heads only when they train, inside ``probes.seg``.
+torch is imported by the heads only when they train, inside ``probes.seg.run``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def seg(
 
     Example: probes seg --cache cache/ --set demo/random-dinov3-vits16/112 --head linear --out results.jsonl
     """
-    from probes.seg import run_seg
+    from probes.seg.run import run_seg
 
     rows = run_seg(
         cache, set_name, head=head, layers=None if layers == "last" else layers, protocol=protocol, stages=stages,

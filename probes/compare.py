@@ -11,12 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from probes import metrics
 from probes.data import check_same_test
-from probes.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
+from probes.estimators.logreg import DEFAULT_C_GRID
+from probes.evaluation import metrics
+from probes.evaluation.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
+from probes.evaluation.stats import delong, headline_p, holm, paired_bootstrap
 from probes.fit import knn_scores, logreg_scores
-from probes.logreg import DEFAULT_C_GRID
-from probes.stats import delong, headline_p, holm, paired_bootstrap
 
 
 def run_compare(
@@ -42,7 +42,7 @@ def run_compare(
 
     The same probe is fitted on each set; per label and for the mean AUROC, the difference
     AUROC(A) - AUROC(B) gets a paired patient-level bootstrap CI (both sets scored on the same
-    draws). Per label, ``p`` is a patient-level two-sided p-value (:func:`probes.stats.headline_p`:
+    draws). Per label, ``p`` is a patient-level two-sided p-value (:func:`probes.evaluation.stats.headline_p`:
     the clustered DeLong test of Obuchowski (1997) when a patient has several test images, the
     ordinary DeLong test only when each has one; ``params.p_method`` says which) and ``p_holm`` its
     Holm adjustment over the labels; the mean row's ``p`` is the paired patient-bootstrap p-value.

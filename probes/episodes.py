@@ -17,7 +17,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from probes.data import ProbeData
-from probes.fewshot import Episode
+from probes.estimators.fewshot import Episode
 
 try:  # serialises writers of a shared episodes file (POSIX)
     import fcntl

@@ -3,7 +3,7 @@
 Sampling (``sampling``):
 
 - ``"random"`` (default): K positive and K negative patients per label (K per class), drawn per
-  (label name, K, seed) by :func:`probes.fewshot.sample_episodes`; an episode does not depend on
+  (label name, K, seed) by :func:`probes.estimators.fewshot.sample_episodes`; an episode does not depend on
   which other labels were asked for.
 - ``"first-patients"``: the DINOv2-radiology protocol (:func:`probes.episodes.first_patient_episodes`):
   the first K patients of each label in patient-id order, all their images, one multi-label head
@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from probes import metrics
 from probes.data import ProbeData
 from probes.episodes import (
     SAMPLINGS,
@@ -36,8 +35,9 @@ from probes.episodes import (
     load_episodes,
     save_episodes,
 )
-from probes.evaluate import _context, _finish, _finite, _load
-from probes.fewshot import fewshot_scores, sample_episodes
+from probes.estimators.fewshot import fewshot_scores, sample_episodes
+from probes.evaluation import metrics
+from probes.evaluation.evaluate import _context, _finish, _finite, _load
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -78,7 +78,7 @@ def run_fewshot(
         shots: K values (default 1, 2, 4, 8, 16; with ``episodes_from``: those in the file).
         seeds: number of seeds (0..n-1) or the seed values (default 10; with ``episodes_from``: those in
             the file). Not allowed with ``sampling="first-patients"`` (deterministic).
-        head: ``logreg``, ``knn`` or ``prototype`` (see :mod:`probes.fewshot`).
+        head: ``logreg``, ``knn`` or ``prototype`` (see :mod:`probes.estimators.fewshot`).
         features: features to probe.
         labels: label columns / class names (None: all).
         uncertain: uncertain-label policy.

@@ -27,7 +27,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
 from probes.data import ProbeData, Split, merge_train_val, with_carved_val
-from probes.logreg import LogRegProbe
+from probes.estimators.logreg import LogRegProbe
 
 N_FOLDS = 5
 """Patient-grouped folds of the out-of-fold scores that thresholds are chosen on."""
@@ -175,17 +175,17 @@ def _knn_raw(
 ) -> dict[int, np.ndarray]:
     """Scores of ``X`` for every k of ``ks`` (each at most ``len(train)``), by ``method``."""
     if method == "mlknn":
-        from probes.mlknn import MLkNNProbe
+        from probes.estimators.mlknn import MLkNNProbe
 
         fits = {k: MLkNNProbe(k=k, s=kw.get("s", 1.0)).fit(train.X, train.y) for k in ks}
         return _in_blocks(X, lambda q: {k: m.predict_proba(q) for k, m in fits.items()}, "ML-kNN")
     search = kw.get("search", "flat")
     if search == "flat":
-        from probes.knn import KNNProbe
+        from probes.estimators.knn import KNNProbe
 
         probe = KNNProbe(k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method)
-    else:  # bf16 pre-search + exact float32 re-rank: the same neighbours (probes/knn_bf16.py)
-        from probes.knn_search import ScalableKNNProbe
+    else:  # bf16 pre-search + exact float32 re-rank: the same neighbours (probes/estimators/knn_bf16.py)
+        from probes.estimators.knn_search import ScalableKNNProbe
 
         probe = ScalableKNNProbe(
             k=ks, task=task, temperature=kw.get("temperature", 0.07), vote=method, search=search
@@ -239,7 +239,7 @@ def knn_scores(
         method: one of ``KNN_METHODS``.
         s: ML-kNN's Laplace smoothing.
         source: ``search="stream"``: the fitted rows' features as a block source
-            (:class:`probes.knn_search.StoreBlocks` over the train + val rows, in row order).
+            (:class:`probes.estimators.knn_search.StoreBlocks` over the train + val rows, in row order).
         memory_cap: ``search="stream"``: bytes the search may hold at once.
         search: ``flat`` (exact FAISS float32), ``stream`` (the same exact search with the fitted
             rows streamed from the store shard by shard, bounded memory; no out-of-fold thresholds)
@@ -296,8 +296,8 @@ def knn_scores(
 
 
 def _knn_streamed(data: ProbeData, ks, *, temperature, method, source, memory_cap) -> dict[int, Scored]:
-    """Exact kNN with the fitted rows streamed from the store (``probes.knn_search``), test in memory."""
-    from probes.knn_search import ScalableKNNProbe
+    """Exact kNN with the fitted rows streamed from the store (``probes.estimators.knn_search``), test in memory."""
+    from probes.estimators.knn_search import ScalableKNNProbe
 
     if method == "mlknn" or source is None:
         raise FeatcacheError(

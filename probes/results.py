@@ -304,7 +304,7 @@ OUTCOME_PARAMS = frozenset(
         "extracted_with",  # version that wrote the features: store provenance is in the key
         "n_slices",
         "scored_at",
-        "roc",  # the test ROC curve's points (probes.roc), a measurement like the value
+        "roc",  # the test ROC curve's points (probes.report.roc), a measurement like the value
     }
 )
 

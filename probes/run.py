@@ -2,12 +2,12 @@
 
 Each ``run_*`` function is what one ``probes`` command does; this module holds the kNN and
 logistic-regression runners and re-exports the others (:mod:`probes.fewshot_run`,
-:mod:`probes.compare`, :mod:`probes.report_run`). It loads the data
+:mod:`probes.compare`, :mod:`probes.report.run`). It loads the data
 (:func:`probes.data.load_probe_data`), fits the estimator(s) on train (hyper-parameters and
 thresholds chosen on val only), scores test, and returns long-format result rows
 (:mod:`probes.results`), appended to ``out`` (JSON lines) when given.
 
-Metrics and their CIs: :mod:`probes.evaluate`; which rows each probe fits on, selection, refit
+Metrics and their CIs: :mod:`probes.evaluation.evaluate`; which rows each probe fits on, selection, refit
 and threshold rows: :mod:`probes.fit`; the protocols and every default: docs/PROTOCOLS.md. Nothing is
 dropped silently: a label a probe cannot learn has null values with ``params.skipped`` saying why.
 
@@ -25,11 +25,11 @@ from featcache.errors import FeatcacheError
 from probes.compare import run_compare
 from probes.data import load_probe_data
 from probes.episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
-from probes.evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
+from probes.estimators.logreg import DEFAULT_C_GRID, DINOV2_C_GRID
+from probes.evaluation.evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
 from probes.fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
 from probes.fit import knn_scores, logreg_scores
-from probes.logreg import DEFAULT_C_GRID, DINOV2_C_GRID
-from probes.report_run import run_report
+from probes.report.run import run_report
 
 __all__ = [
     "SAMPLINGS",
@@ -100,10 +100,10 @@ def run_knn(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
-        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.subgroups`).
+        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.evaluation.subgroups`).
 
     Returns:
-        The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
+        The result rows (see :mod:`probes.evaluation.evaluate`), ``probe = "knn"``, one block per k.
     """
     streamed = search == "stream"
     if streamed and (aggregate or "+" in str(features) or ":" in str(features)):
@@ -117,7 +117,7 @@ def run_knn(
     run = _context(data, "knn")
     source = None
     if streamed:
-        from probes.knn_search import StoreBlocks
+        from probes.estimators.knn_search import StoreBlocks
 
         rows = np.concatenate([data.train.rows, data.val.rows])
         source = StoreBlocks(data.context["store"], data.context["store_set"], str(features), rows=rows)
@@ -201,7 +201,7 @@ def run_logreg(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
-        by: subgroup columns (:mod:`probes.subgroups`).
+        by: subgroup columns (:mod:`probes.evaluation.subgroups`).
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.

@@ -177,7 +177,7 @@ def run_study(
         StudyError: with ``extract=False``, sets the pending steps need are not extracted.
         FeatcacheError: a probe or an extraction refused (the set is named).
     """
-    from probes.report_run import run_report
+    from probes.report.run import run_report
 
     quiet = get_verbosity() < 0
     verbose = get_verbosity() >= VERBOSE

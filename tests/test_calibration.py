@@ -8,11 +8,11 @@ from sklearn.metrics import average_precision_score, brier_score_loss
 from test_subgroups import make_set
 
 from featcache.errors import FeatcacheError
-from probes import calibration, metrics
 from probes.data import load_probe_data
+from probes.evaluation import calibration, metrics
+from probes.evaluation.score_rows import score_entries
 from probes.fit import knn_scores, logreg_scores
 from probes.run import run_knn, run_logreg
-from probes.score_rows import score_entries
 
 
 def numpy_ece(y, p, n_bins=10):

@@ -61,7 +61,7 @@ def _extract(manifest: Path, out: Path, res: int, root: Path | None, layers: str
 @pytest.fixture(scope="module")
 def hannover(tmp_path_factory, one_thread):
     """The 42 films with lung masks extracted once at 96 px; each head trained once into one results file."""
-    from probes.seg import run_seg
+    from probes.seg.run import run_seg
 
     if not HANNOVER.is_dir():
         pytest.skip(f"real data folder not found at {HANNOVER}")
@@ -109,7 +109,7 @@ def test_hannover_heads_dice_equals_the_saved_masks(hannover):
 
 
 def test_hannover_results_reach_the_report(hannover):
-    from probes.report_run import run_report
+    from probes.report.run import run_report
 
     _, _, results, rows = hannover
     written = [json.loads(line) for line in open(results)]
@@ -129,7 +129,7 @@ def mr(tmp_path_factory, one_thread):
     import nibabel as nib
 
     from featcache.datasets.volumes import expand_volumes
-    from probes.seg import run_seg
+    from probes.seg.run import run_seg
 
     if not VOLUMES.is_dir():
         pytest.skip(f"real data folder not found at {VOLUMES}")

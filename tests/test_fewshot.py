@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from featcache.errors import FeatcacheError
-from probes.fewshot import Episode, fewshot_scores, sample_episodes
+from probes.estimators.fewshot import Episode, fewshot_scores, sample_episodes
 
 # Hand-made multi-label train rows: patient, label 0, label 1 (NaN missing).
 # Label 0: positive patients a, b, c (c has one negative image too), d only negative,

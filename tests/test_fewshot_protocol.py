@@ -19,7 +19,7 @@ from featcache.store.feature_store import ArraySpec, FeatureStore
 from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
 from probes.episodes import first_patient_episodes
-from probes.fewshot import fewshot_scores, sample_episodes
+from probes.estimators.fewshot import fewshot_scores, sample_episodes
 from probes.fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
 
 

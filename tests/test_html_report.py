@@ -94,7 +94,7 @@ def test_html_report_is_self_contained(tmp_path):
 
 def test_html_report_shows_roc_curves_of_rows_that_carry_them(tmp_path):
     pytest.importorskip("matplotlib")
-    from probes.roc import roc_curve_params
+    from probes.report.roc import roc_curve_params
     from probes.run import run_report
 
     res = tmp_path / "r.jsonl"
@@ -140,7 +140,7 @@ def test_html_from_the_cli_and_errors_are_one_line(tmp_path):
 
 
 def test_parquet_without_pandas_says_what_to_install(tmp_path, monkeypatch):
-    from probes.report_run import write_parquet
+    from probes.report.run import write_parquet
 
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(FeatcacheError, match=r"pip install pandas pyarrow"):

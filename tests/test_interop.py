@@ -170,9 +170,9 @@ def test_import_refuses_files_that_do_not_fit(tmp_path, manifest_csv):
 
 
 def test_knn_scores_identical_on_the_imported_copy(tmp_path, store, manifest_csv):
-    pytest.importorskip("probes.knn")
+    pytest.importorskip("probes.estimators.knn")
     from probes.data import load_probe_data
-    from probes.knn import KNNProbe
+    from probes.estimators.knn import KNNProbe
 
     out = export_set(store, None, tmp_path / "toy.h5")
     import_h5(out, tmp_path / "copy", "toy/imported/64", manifest=manifest_csv, features_key="cls")

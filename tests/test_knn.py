@@ -14,8 +14,8 @@ from sklearn.model_selection import cross_val_score
 from sklearn.utils.estimator_checks import check_estimator
 
 from featcache.errors import FeatcacheError
-from probes import knn as knn_module
-from probes.knn import KNNProbe
+from probes.estimators import knn as knn_module
+from probes.estimators.knn import KNNProbe
 
 
 def _unit(a):

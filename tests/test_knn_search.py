@@ -12,10 +12,10 @@ import pytest
 
 from featcache.store.feature_store import ArraySpec, FeatureStore
 from featcache.store.manifest import Manifest
-from probes._linalg import l2_normalize
-from probes.knn import KNNProbe, ProbeInputError
-from probes.knn_bf16 import bf16_error_bound, bf16_search
-from probes.knn_search import (
+from probes.estimators._linalg import l2_normalize
+from probes.estimators.knn import KNNProbe, ProbeInputError
+from probes.estimators.knn_bf16 import bf16_error_bound, bf16_search
+from probes.estimators.knn_search import (
     ArrayBlocks,
     ScalableKNNProbe,
     SearchError,

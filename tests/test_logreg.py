@@ -21,8 +21,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from featcache.errors import FeatcacheError
-from probes._linalg import fit_multinomial_lbfgs, fit_ovr_lbfgs
-from probes.logreg import DINOV2_C_GRID, LogRegProbe, apply_uncertain, dinov2_preset
+from probes.estimators._lbfgs import fit_multinomial_lbfgs, fit_ovr_lbfgs
+from probes.estimators.logreg import DINOV2_C_GRID, LogRegProbe, apply_uncertain, dinov2_preset
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 
 from featcache.errors import FeatcacheError
-from probes import metrics as M
+from probes.evaluation import metrics as M
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_binary_metrics_agree_with_sklearn():
 
 def test_import_probes_never_imports_torch():
     code = (
-        "import sys, probes, probes.metrics, probes.stats, probes.results, probes.report; "
+        "import sys, probes, probes.evaluation.metrics, probes.evaluation.stats, probes.results, probes.report; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     )

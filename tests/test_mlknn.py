@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from featcache.errors import FeatcacheError
-from probes.mlknn import MLkNNProbe
+from probes.estimators.mlknn import MLkNNProbe
 
 
 def _mlknn_reference(X, Y, Q, k, s, exclude_self=True):

@@ -25,8 +25,8 @@ from sklearn.utils.estimator_checks import (
 )
 
 from featcache.errors import FeatcacheError
-from probes.knn import KNNProbe
-from probes.logreg import LogRegProbe
+from probes.estimators.knn import KNNProbe
+from probes.estimators.logreg import LogRegProbe
 
 PROBES = {
     "knn-multilabel": lambda: KNNProbe(k=(3, 7), temperature=0.1),
@@ -116,9 +116,7 @@ def test_fitted_probe_pickles_and_scores_the_same(probe):
 
 
 def test_probes_never_import_torch():
-    code = (
-        "import sys, probes.knn, probes.logreg, probes.fewshot, probes._linalg; print('torch' in sys.modules)"
-    )
+    code = "import sys, probes.estimators.knn, probes.estimators.logreg, probes.estimators.fewshot, probes.estimators._linalg; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -130,6 +128,6 @@ def test_public_api_is_exported_from_probes_without_torch():
         "assert not missing, missing\n"
         "assert 'torch' not in sys.modules\n"
         "from probes import KNNProbe, LogRegProbe, run_knn\n"
-        "assert KNNProbe.__module__ == 'probes.knn' and run_knn.__module__ == 'probes.run'\n"
+        "assert KNNProbe.__module__ == 'probes.estimators.knn' and run_knn.__module__ == 'probes.run'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

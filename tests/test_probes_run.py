@@ -435,7 +435,7 @@ def test_episodes_file_merges_runs_and_reruns_on_another_backbone(tmp_path):
 
 def test_compare_headline_p_is_patient_level(tmp_path):
     """Two images per patient: the headline p is the clustered DeLong test on the two sets' scores."""
-    from probes.stats import clustered_delong, holm
+    from probes.evaluation.stats import clustered_delong, holm
 
     s = build_store(tmp_path, n_patients=50, signal=1.0)
     build_store(tmp_path, name="toy/weak/32", model="random:weak", n_patients=50, signal=0.3)
@@ -463,7 +463,7 @@ def test_compare_headline_p_is_patient_level(tmp_path):
 def test_knn_method_mlknn_scores_train_and_val_with_ml_knn(store):
     """probes knn --method mlknn: ML-kNN (checked against the paper's equations in test_mlknn.py)
     fitted on train + val; rows say probe=mlknn."""
-    from probes.mlknn import MLkNNProbe
+    from probes.estimators.mlknn import MLkNNProbe
 
     rows = run_knn(store["cache"], k=(5,), method="mlknn", n_boot=20)
     d = load_probe_data(store["cache"])

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import featcache.progress as P
-from probes import fit, metrics
+from probes import fit
 from probes.data import Split
-from probes.stats import bootstrap_ci, paired_bootstrap
+from probes.evaluation import metrics
+from probes.evaluation.stats import bootstrap_ci, paired_bootstrap
 
 
 @pytest.fixture

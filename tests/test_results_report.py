@@ -441,7 +441,7 @@ def test_tick_labels_thinned_so_they_never_overlap():
 
 def test_fewshot_plot_ticks_readable_and_title_names_the_mean(tmp_path):
     pytest.importorskip("matplotlib")
-    from probes import plots
+    from probes.report import plots
 
     rows = [
         _row(probe="fewshot", head="logreg", shots=s, seed=seed, value=0.6 + 0.01 * s + 0.01 * seed,

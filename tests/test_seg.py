@@ -21,7 +21,7 @@ from featcache.errors import FeatcacheError, StoreError
 from featcache.store.feature_store import ArraySpec, FeatureStore
 from featcache.store.manifest import Manifest
 from featcache.store.preprocess import Preprocess
-from probes.seg import (
+from probes.seg.run import (
     SegProbe,
     StoreTokens,
     dice,
@@ -175,7 +175,7 @@ def test_hd95_with_anisotropic_spacing_against_brute_force():
 
 
 def test_pixel_spacing_from_dicom_headers(tmp_path):
-    from probes.seg_frame import pixel_spacing
+    from probes.seg.frame import pixel_spacing
 
     both = pixel_spacing(_dicom_header(tmp_path / "a.dcm", (20, 30), (0.5, 0.25), (0.6, 0.3)))
     assert both == (0.5, 0.25, "PixelSpacing", (20, 30))  # PixelSpacing takes precedence
@@ -212,7 +212,7 @@ def test_logits_to_the_mask_frame_against_references(resize):
     import torch
     import torch.nn.functional as F
 
-    from probes.seg_frame import to_mask_frame, visible_box
+    from probes.seg.frame import to_mask_frame, visible_box
 
     rng = np.random.default_rng(3)
     pre = Preprocess(res=RES, resize=resize)
@@ -432,7 +432,7 @@ def test_cli_seg_prints_table_and_appends_rows(tmp_path):
 
 
 def test_import_probes_seg_does_not_import_torch():
-    code = "import sys, probes.seg, probes.aggregate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, probes.seg.run, probes.aggregate; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -519,7 +519,7 @@ def test_hannover_dice_is_computed_at_each_masks_own_resolution(hannover_cache, 
 
 
 def test_saved_mask_names_never_collide():
-    from probes.seg import _safe_name
+    from probes.seg.run import _safe_name
 
     names = {_safe_name(x) for x in ("a/b", "a_b", "a:b", "é", "ü", "plain-id.1")}
     assert len(names) == 6 and _safe_name("plain-id.1") == "plain-id.1"
@@ -639,7 +639,7 @@ def test_a_set_with_an_interrupted_manifest_replacement_is_refused(tmp_path):
 
 def test_one_test_patient_gives_values_without_a_ci_and_says_why():
     """A patient bootstrap from one patient cannot give an interval: the rows carry the value and the reason."""
-    from probes.seg_metrics import SEG_METRICS, _ci_entries
+    from probes.seg.metrics import SEG_METRICS, _ci_entries
 
     values = {m: np.array([[0.5, 0.7], [0.6, np.nan]]) for m in SEG_METRICS}
     entries = _ci_entries(values, ["lung", "heart"], np.array(["p0", "p0"]), 50, 0)

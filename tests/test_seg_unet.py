@@ -16,7 +16,7 @@ from featcache.errors import FeatcacheError, StoreError
 from featcache.store.feature_store import ArraySpec, FeatureStore
 from featcache.store.manifest import Manifest
 from featcache.store.preprocess import Preprocess
-from probes.seg import SegProbe, StoreTokens, dice, run_seg
+from probes.seg.run import SegProbe, StoreTokens, dice, run_seg
 
 RES, GRID, DIM = 64, 4, 6
 LAYERS = [2, 5, 8, 11]
@@ -89,7 +89,7 @@ def layered_store(tmp_path: Path, n: int = 24, signal_layer: int = 1, seed: int 
 
 
 def test_layers_resolve_against_the_stored_layer_indices(tmp_path):
-    from probes.seg_unet import resolve_layers
+    from probes.seg.unet import resolve_layers
 
     cache, layer, *_ = layered_store(tmp_path, n=9)
     fs = FeatureStore(cache).open_set()
@@ -114,7 +114,7 @@ def test_layers_resolve_against_the_stored_layer_indices(tmp_path):
 def test_unet_deals_layers_to_blocks_and_upsamples_by_stage():
     import torch
 
-    from probes.seg_unet import _unet_groups, build_unet
+    from probes.seg.unet import _unet_groups, build_unet
 
     assert _unet_groups(4, 4) == [[3], [2], [1], [0]]  # the study: block k takes the k-th deepest layer
     assert _unet_groups(4, 2) == [[3, 2], [1, 0]]
@@ -186,7 +186,7 @@ def test_run_seg_unet_on_stored_layers_records_them(tmp_path):
 def test_dice_loss_matches_monai_formula_by_hand():
     import torch
 
-    from probes.seg_study import dice_loss
+    from probes.seg.study import dice_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1, (2, 3, 5, 4)).astype(np.float32)
@@ -200,7 +200,7 @@ def test_dice_loss_matches_monai_formula_by_hand():
 
 
 def test_study_linear_protocol_selects_the_rate_on_val_and_refits(tmp_path):
-    from probes.seg_study import STUDY_LRS, _pooled_jaccard, fit_study_linear
+    from probes.seg.study import STUDY_LRS, _pooled_jaccard, fit_study_linear
 
     _, layer, masks, _, splits = layered_store(tmp_path, n=36, signal_layer=3)
     X = layer[:, 3]  # the last layer, as the study reads it

@@ -12,8 +12,8 @@ from test_seg_unet import GRID, RES, _one_torch_thread, layered_store  # noqa: F
 
 from featcache.decode.images import read_mask
 from featcache.errors import FeatcacheError
-from probes.seg import run_seg, seg_metrics
-from probes.seg_metrics import hd95
+from probes.seg.metrics import hd95
+from probes.seg.run import run_seg, seg_metrics
 
 N_VOL, N_SLICES = 6, 4  # 24 slice rows, 2 volumes per split
 

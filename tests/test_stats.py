@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from probes import metrics as M
-from probes import stats as S
+from probes.evaluation import metrics as M
+from probes.evaluation import stats as S
 
 # --- DeLong -----------------------------------------------------------------------------------
 

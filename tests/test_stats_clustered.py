@@ -1,6 +1,6 @@
 """Patient-level inference: clustered DeLong, the mean's bootstrap, too few patients, headline p.
 
-References are independent of :mod:`probes.stats`: Obuchowski's (1997) formulas written out with
+References are independent of :mod:`probes.evaluation.stats`: Obuchowski's (1997) formulas written out with
 explicit loops over images and patients, a hand-worked case, sklearn's ``roc_auc_score`` on draws
 rebuilt from the documented seed, and the patient-level bootstrap variance.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from probes import metrics as M
-from probes import stats as S
+from probes.evaluation import metrics as M
+from probes.evaluation import stats as S
 
 
 def _psi(x: float, y: float) -> float:

@@ -10,7 +10,7 @@ from featcache.datasets.volumes import expand_volumes
 from featcache.extract import ExtractConfig, extract
 from featcache.store.feature_store import FeatureStore
 from featcache.store.manifest import write_manifest
-from probes.knn import KNNProbe
+from probes.estimators.knn import KNNProbe
 from probes.run import run_knn
 
 

@@ -17,7 +17,7 @@ goes with every slice: ``meta_spacing_row`` and ``meta_spacing_col`` (mm between
 columns of the slice PNG) and ``meta_spacing_slice`` (mm between consecutive slice indices, whatever
 ``every`` keeps), the norms of the canonical affine's columns (:func:`slice_spacing`); for a DICOM
 series that affine comes from PixelSpacing and the slice positions, so these are the series' own.
-Volumetric segmentation scores read them for HD95 in mm (:mod:`probes.seg_volume`).
+Volumetric segmentation scores read them for HD95 in mm (:mod:`probes.seg.volume`).
 
 Orientation. Every volume is brought to nibabel's closest canonical orientation, RAS+
 (``nibabel.as_closest_canonical``: first voxel axis towards the patient's Right, second Anterior,

@@ -358,7 +358,8 @@ def load_plan(path: str | os.PathLike) -> StudyPlan:
     probes_raw = raw["probes"]
     if not isinstance(probes_raw, dict) or not probes_raw:
         raise _fail(
-            source, "[probes] must hold at least one of [probes.knn], [probes.logreg], [probes.fewshot]"
+            source,
+            "[probes] must hold at least one of [probes.knn], [probes.logreg], [probes.fewshot]",
         )
     _unknown(source, "[probes]", probes_raw, set(_DEFAULTS))
     probes = {n: _probe_settings(source, n, probes_raw[n]) for n in _DEFAULTS if n in probes_raw}
