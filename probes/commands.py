@@ -138,7 +138,7 @@ _BY_HELP = (
 
 def _echo_by(rows: list[dict], by: str | None) -> None:
     if by:
-        from probes.evaluation.subgroups import subgroup_lines
+        from probes.subgroups import subgroup_lines
 
         for line in subgroup_lines(rows):
             click.echo(line)

@@ -13,8 +13,8 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from probes.data import check_same_test
 from probes.estimators.logreg import DEFAULT_C_GRID
+from probes.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
 from probes.evaluation import metrics
-from probes.evaluation.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
 from probes.evaluation.stats import delong, headline_p, holm, paired_bootstrap
 from probes.fit import knn_scores, logreg_scores
 

@@ -5,7 +5,7 @@ exactly as ``probes knn`` / ``probes logreg`` do (:mod:`probes.fit`: nothing car
 selected, C chosen on the train set's val only, thresholds from its held-out scores), then scores
 every test-split row of ``test_set`` (``test_split="all"``: every extracted, labelled row of it,
 whatever its split), and reports the same metrics with the same patient-level CIs
-(:mod:`probes.evaluation.evaluate`), optionally per subgroup of the external set (``by``).
+(:mod:`probes.evaluate`), optionally per subgroup of the external set (``by``).
 
 Rules:
 
@@ -49,7 +49,7 @@ from probes.data import (
     open_checked_set,
 )
 from probes.estimators.logreg import DEFAULT_C_GRID
-from probes.evaluation.evaluate import DEFAULT_KS, _context, _finish, evaluate_scores
+from probes.evaluate import DEFAULT_KS, _context, _finish, evaluate_scores
 from probes.fit import knn_scores, logreg_scores
 
 __all__ = ["TEST_SPLITS", "external_lines", "run_external"]
@@ -177,7 +177,7 @@ def run_external(
         C, C_grid, val_fraction: logistic-regression settings (as :func:`probes.run.run_logreg`).
         test_split: ``test`` (the external set's test rows) or ``all`` (all its rows).
         test_cache: store of ``test_set`` when it is another one.
-        by: subgroup columns of the external set (:mod:`probes.evaluation.subgroups`).
+        by: subgroup columns of the external set (:mod:`probes.subgroups`).
         n_boot: bootstrap draws (patients of the external set).
         seed: bootstrap seed, fold and carve seed.
         out: JSON-lines file to append the rows to.

@@ -36,8 +36,8 @@ from probes.episodes import (
     save_episodes,
 )
 from probes.estimators.fewshot import fewshot_scores, sample_episodes
+from probes.evaluate import _context, _finish, _finite, _load
 from probes.evaluation import metrics
-from probes.evaluation.evaluate import _context, _finish, _finite, _load
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:

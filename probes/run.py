@@ -7,7 +7,7 @@ logistic-regression runners and re-exports the others (:mod:`probes.fewshot_run`
 thresholds chosen on val only), scores test, and returns long-format result rows
 (:mod:`probes.results`), appended to ``out`` (JSON lines) when given.
 
-Metrics and their CIs: :mod:`probes.evaluation.evaluate`; which rows each probe fits on, selection, refit
+Metrics and their CIs: :mod:`probes.evaluate`; which rows each probe fits on, selection, refit
 and threshold rows: :mod:`probes.fit`; the protocols and every default: docs/PROTOCOLS.md. Nothing is
 dropped silently: a label a probe cannot learn has null values with ``params.skipped`` saying why.
 
@@ -26,7 +26,7 @@ from probes.compare import run_compare
 from probes.data import load_probe_data
 from probes.episodes import SAMPLINGS, episodes_path, first_patient_episodes, load_episodes, save_episodes
 from probes.estimators.logreg import DEFAULT_C_GRID, DINOV2_C_GRID
-from probes.evaluation.evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
+from probes.evaluate import DEFAULT_KS, _context, _finish, _load, evaluate_scores
 from probes.fewshot_run import auroc_many, fewshot_notes, run_fewshot, summarize_fewshot
 from probes.fit import knn_scores, logreg_scores
 from probes.report.run import run_report
@@ -100,10 +100,10 @@ def run_knn(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
-        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.evaluation.subgroups`).
+        by: subgroup columns, e.g. ``meta_sex,meta_age:0,40,60,80`` (:mod:`probes.subgroups`).
 
     Returns:
-        The result rows (see :mod:`probes.evaluation.evaluate`), ``probe = "knn"``, one block per k.
+        The result rows (see :mod:`probes.evaluate`), ``probe = "knn"``, one block per k.
     """
     streamed = search == "stream"
     if streamed and (aggregate or "+" in str(features) or ":" in str(features)):
@@ -201,7 +201,7 @@ def run_logreg(
         allow_partial: probe a set whose extraction has not finished (pending rows left out,
             counted in ``params.pending_rows``).
         out: JSON-lines file to append the rows to.
-        by: subgroup columns (:mod:`probes.evaluation.subgroups`).
+        by: subgroup columns (:mod:`probes.subgroups`).
 
     Returns:
         The result rows, ``probe = "logreg"``; label rows carry their ``C``.

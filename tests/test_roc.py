@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from featcache.errors import FeatcacheError
 from probes.data import ProbeData, Split
-from probes.evaluation.evaluate import evaluate_scores
+from probes.evaluate import evaluate_scores
 from probes.fit import Scored
 from probes.report.roc import ROC_MAX_POINTS, plot_roc, roc_curve_params, roc_vertices, thin_roc
 from probes.results import OUTCOME_PARAMS, drop_duplicates, make_rows, result_key

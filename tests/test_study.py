@@ -211,9 +211,7 @@ def test_missing_sections_and_bad_values(tmp_path):
     path.write_text('backbones = ["random:dinov3-vits16"]\nresolutions = [16]\n')
     with pytest.raises(StudyError, match="no 'datasets'"):
         load_plan(path)
-    path.write_text(
-        'backbones = []\nresolutions = [16]\n[datasets.a]\nmanifest="m.csv"\n[probes.knn]\n'
-    )
+    path.write_text('backbones = []\nresolutions = [16]\n[datasets.a]\nmanifest="m.csv"\n[probes.knn]\n')
     with pytest.raises(StudyError, match="'backbones' must be a non-empty string"):
         load_plan(path)
 

@@ -1,4 +1,4 @@
-"""probes.evaluation.subgroups: metrics per meta_* group and the gaps between groups, against scikit-learn and a
+"""probes.subgroups: metrics per meta_* group and the gaps between groups, against scikit-learn and a
 numpy patient bootstrap.
 
 ``make_set`` (a feature set with meta columns: sex per patient, age per patient, view per image) is
@@ -17,9 +17,9 @@ from featcache.errors import FeatcacheError
 from featcache.store.feature_store import ArraySpec, FeatureStore
 from featcache.store.manifest import read_manifest, write_manifest
 from probes.data import load_probe_data
-from probes.evaluation.subgroups import parse_by
 from probes.fit import logreg_scores
 from probes.run import run_knn, run_logreg
+from probes.subgroups import parse_by
 
 
 def make_set(

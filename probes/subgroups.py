@@ -12,7 +12,7 @@ belonging to it: ``meta_sex,meta_age:0,40,60,80`` is ``meta_sex`` and ``meta_age
 - Rows with a blank value, a value outside the bands, or a non-number in a banded column belong to
   no group: their count is ``params.subgroup_left_out`` and the console says it once.
 
-Rows: every metric of :func:`probes.evaluation.evaluate.evaluate_scores` again on each group's test rows,
+Rows: every metric of :func:`probes.evaluate.evaluate_scores` again on each group's test rows,
 with ``params.subgroup = {"meta_sex": "F"}`` (``params.subgroup_bands`` holds the edges of a banded
 column). The fitted model and the Youden thresholds are those of the whole run; only the scored
 rows change. Each group's CI resamples that group's patients.
@@ -203,11 +203,11 @@ def subgroup_entries(
     """Every metric per subgroup, and the gaps between groups (module docstring).
 
     Args:
-        data, sc, base, params, n_boot, seed: as :func:`probes.evaluation.evaluate.evaluate_scores`.
+        data, sc, base, params, n_boot, seed: as :func:`probes.evaluate.evaluate_scores`.
         by: the grouping columns (:func:`parse_by`).
         n_bins: ECE bins.
         evaluate: the per-group evaluation, called as ``evaluate(data, sc, base, params, n_boot,
-            seed, n_bins=n_bins)`` on each group's rows: :func:`probes.evaluation.evaluate.evaluate_scores`,
+            seed, n_bins=n_bins)`` on each group's rows: :func:`probes.evaluate.evaluate_scores`,
             which passes itself (so this module needs nothing from it).
 
     Returns:

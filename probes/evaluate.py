@@ -24,7 +24,7 @@ summary over labels):
   renormalised kNN vote and ML-kNN; the dinov2 kNN vote at a k below its softmax window is a
   partial vote mass (it sums to less than 1) and says so.
 - With ``by`` (e.g. ``meta_sex,meta_age:0,40,60,80``), every metric again per subgroup
-  (``params.subgroup``) and the gap between the groups (:mod:`probes.evaluation.subgroups`).
+  (``params.subgroup``) and the gap between the groups (:mod:`probes.subgroups`).
 
 This module does not import torch.
 """
@@ -43,10 +43,10 @@ from probes.evaluation import metrics
 from probes.evaluation.calibration import DEFAULT_BINS
 from probes.evaluation.score_rows import _binary_targets, score_entries
 from probes.evaluation.stats import bootstrap_ci
-from probes.evaluation.subgroups import subgroup_entries
 from probes.fit import Scored
 from probes.report.roc import roc_curve_params
 from probes.results import RESULT_FIELDS, append_jsonl, make_rows
+from probes.subgroups import subgroup_entries
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 MIN_CI_PATIENTS = 2  # positive and negative test patients a label needs for a bootstrap CI
@@ -123,7 +123,7 @@ def evaluate_scores(
         params: the run's params (merged into each entry's ``params``).
         n_boot: bootstrap draws.
         seed: bootstrap seed.
-        by: subgroup columns (:func:`probes.evaluation.subgroups.parse_by`), or None.
+        by: subgroup columns (:func:`probes.subgroups.parse_by`), or None.
         n_bins: ECE bins.
 
     Returns:
