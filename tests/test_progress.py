@@ -110,3 +110,25 @@ def test_out_of_fold_progress_counts_folds(capsys, steps_on):
     out = fit.oof_scores(split, lambda tr, q: np.full((len(q), 1), float(len(tr))), n_folds=5)
     assert np.all(out == 40)  # each row scored by a model of the other 4 folds (40 rows)
     assert "out-of-fold scores (thresholds): 5/5 folds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head", ["logreg", "prototype", "knn"])
+def test_fewshot_heads_and_scoring_show_progress_and_change_no_score(capsys, steps_on, monkeypatch, head):
+    from probes.estimators import fewshot as F
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 6)).astype(np.float32)
+    y = (rng.random((60, 2)) < 0.5).astype(np.float32)
+    y[:4] = ((1, 1), (1, 1), (0, 0), (0, 0))
+    eps = F.sample_episodes(np.array([f"p{i}" for i in range(60)]), y, [1, 2], [0, 1], task="multilabel")
+    Xt = rng.normal(size=(50, 6)).astype(np.float32)
+    whole = F.fewshot_scores(X, eps, Xt, head=head, ranking=head != "knn")
+    monkeypatch.setattr(F, "_TEST_BLOCK", 16)  # several test blocks
+    np.testing.assert_array_equal(F.fewshot_scores(X, eps, Xt, head=head, ranking=head != "knn"), whole)
+    err = capsys.readouterr().err
+    if head == "logreg":
+        assert f"few-shot logreg heads: {len(eps)}/{len(eps)} episodes" in err
+    if head == "knn":
+        assert f"few-shot kNN ({len(eps)} episodes): 100/100 test rows" in err  # 2 shot groups x 50
+    else:
+        assert f"few-shot scoring ({len(eps)} episodes): 50/50 test rows" in err

@@ -53,6 +53,7 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from featcache.errors import FeatcacheError
+from featcache.progress import probe_progress
 from probes.estimators._lbfgs import fit_binary_newton_dual, fit_multinomial_lbfgs
 from probes.estimators._linalg import (
     check_features,
@@ -346,6 +347,7 @@ def _logreg_head(X_train, episodes, center, C, max_iter, binary, n_classes):
     width = 1 if binary else n_classes
     W = np.zeros((E, D, width), dtype=np.float32)
     B = np.zeros((E, width))
+    bar = probe_progress(E, "few-shot logreg heads", unit="episodes")
     for _, sel in _groups(episodes).items():
         Xs, T = _support(X_train, episodes, sel, center)
         Xs = Xs.astype(np.float64)
@@ -360,6 +362,8 @@ def _logreg_head(X_train, episodes, center, C, max_iter, binary, n_classes):
             theta = fit_multinomial_lbfgs(Xs, T, n_classes, C, max_iter=max_iter, tol=1e-8)
             W[sel] = theta[:, :D]
             B[sel] = theta[:, D]
+        bar.update(len(sel))
+    bar.close()
     return W, B
 
 
@@ -391,12 +395,15 @@ def _score_linear(X_test, center, W, B, binary, ranking=False):
     """
     E, D, width = W.shape
     n_test = X_test.shape[0]
+    bar = probe_progress(n_test, f"few-shot scoring ({E} episodes)", unit="test rows")
     if ranking:
         out = np.empty((E, n_test), dtype=np.float32)
         rows = np.ascontiguousarray(W[:, :, 0])
         for start in range(0, n_test, _TEST_BLOCK):
             block = slice(start, start + _TEST_BLOCK)
             out[:, block] = rows @ l2_normalize(X_test[block], center).T
+            bar.update(len(out[0, block]))
+        bar.close()
         return out
     out = np.empty((E, n_test) if binary else (E, n_test, width))
     # Episodes as rows, test rows as columns: the product lands in ``out``'s layout, no transposes.
@@ -409,6 +416,8 @@ def _score_linear(X_test, center, W, B, binary, ranking=False):
             expit(Z, out=out[:, block])
         else:
             out[:, block] = multinomial_proba(Z.reshape(E, width, -1).transpose(0, 2, 1) + B[:, None, :])
+        bar.update(Z.shape[-1])
+    bar.close()
     return out
 
 
@@ -417,7 +426,9 @@ def _knn_head(X_train, episodes, X_test, k, temperature, binary, n_classes):
         raise FeatcacheError(f"k must be a positive integer; got {k!r}")
     E, n_test = len(episodes), X_test.shape[0]
     out = np.empty((E, n_test) if binary else (E, n_test, n_classes))
-    for n, sel in _groups(episodes).items():
+    groups = _groups(episodes)
+    bar = probe_progress(n_test * len(groups), f"few-shot kNN ({E} episodes)", unit="test rows")
+    for n, sel in groups.items():
         idx = np.stack([episodes[i].support for i in sel])
         T = np.stack([episodes[i].targets for i in sel])
         rows, inv = np.unique(idx, return_inverse=True)
@@ -439,4 +450,6 @@ def _knn_head(X_train, episodes, X_test, k, temperature, binary, n_classes):
                 out[sel, block] = knn_vote(sims, tgt, [kk], temperature, "multiclass", n_classes)[
                     kk
                 ].transpose(1, 0, 2)
+            bar.update(S.shape[0])
+    bar.close()
     return out
