@@ -341,53 +341,16 @@ def import_h5(
             keys = [
                 k for k in ("cls", "pooled", "layer_cls", "layer_pooled", "registers", "patch") if k in src
             ]
-        absent = [k for k in [*keys, ids_key] if k not in src]
-        if absent:
-            found = sorted(k for k in src if k != "__attrs__")
-            raise FeatcacheError(
-                f"{path}: no dataset {absent} (datasets: {found[:20]}); choose them with --features-key / --ids-key"
-            )
-        file_ids = _strings(src[ids_key][()])
-        if file_ids.ndim != 1:
-            raise FeatcacheError(
-                f"{path}: '{ids_key}' has shape {file_ids.shape}; ids must be one-dimensional"
-            )
-        for k in keys:
-            if src[k].shape[0] != len(file_ids) or len(src[k].shape) < 2:
-                raise FeatcacheError(
-                    f"{path}: '{k}' has shape {tuple(src[k].shape)} but '{ids_key}' holds {len(file_ids)} ids; "
-                    "features must be [N, ...] with one row per id"
-                )
-            if np.dtype(src[k].dtype).kind != "f":
-                raise FeatcacheError(f"{path}: '{k}' holds {src[k].dtype}, not floating-point features")
-        uniq, counts = np.unique(file_ids, return_counts=True)
-        if np.any(counts > 1):
-            raise FeatcacheError(
-                f"{path}: ids {uniq[counts > 1][:5].tolist()} occur more than once in '{ids_key}'"
-            )
-        order = np.argsort(file_ids, kind="stable")
-        at = np.searchsorted(file_ids[order], m.ids)
-        at = np.clip(at, 0, max(0, len(file_ids) - 1))
-        hit = file_ids[order][at] == m.ids if len(file_ids) else np.zeros(len(m), bool)
-        pos = np.where(hit, order[at], -1)
-        if not hit.any():
-            raise FeatcacheError(
-                f"{path}: none of the {len(file_ids)} ids in '{ids_key}' is an id of {manifest} "
-                f"(file: {file_ids[:3].tolist()}, manifest: {m.ids[:3].tolist()}); check --ids-key and the manifest"
-            )
+        file_ids = _checked_ids(src, path, keys, ids_key)
+        pos, hit = _match_rows(file_ids, m, path, manifest, ids_key)
         absent_ids = m.ids[~hit].tolist()
         if absent_ids and missing == "error":
             raise FeatcacheError(
                 f"{path}: {len(absent_ids)} manifest ids are not in the file (first: {absent_ids[:5]}); "
                 "pass --missing fail to import them as failed rows"
             )
-        # Only a featcache export's status column is known to mean pending / ok / failed.
-        is_export = exported
-        source_status = np.asarray(src["status"][()]) if is_export and "status" in src else None
-        source_failure = _strings(src["failure"][()]) if is_export and "failure" in src else None
         attrs_json = src["__attrs__"].get("attrs_json")
         origin = json.loads(attrs_json) if isinstance(attrs_json, str) else {}
-
         targets = _targets(keys, as_array)
         specs = {}
         for k, name in targets.items():
@@ -403,52 +366,14 @@ def import_h5(
             "ids_key": ids_key,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        attrs: dict[str, Any] = {
-            "source": "imported",
-            "imported": info,
-            "imported_from": {"sha256": digest, "arrays": targets},
-            "settings": ["source", "imported_from"],
-            "model": origin.get("model", model),
-            "res": origin.get("res", res),
-        }
-        for key in ("preprocessing", "layers", "provenance", "model_spec", "tokens"):
-            if key in origin:
-                attrs[key] = origin[key]
-        if origin:
-            attrs["origin"] = {
-                k: origin.get(k) for k in ("model", "res", "manifest_digest", "created", "versions")
-            }
         store = FeatureStore(store_url, mode="a")
-        fs = store.create_set(set_name, m, specs, attrs)
+        fs = store.create_set(set_name, m, specs, _import_attrs(origin, info, targets, model, res))
         if fs.needs_manifest(m):  # the same file again with a re-split or relabelled manifest
             fs.replace_manifest(m)
-
-        n_src_failed = 0
-        for s in range(fs.n_shards):
-            lo, hi = fs.shard_range(s)
-            p = pos[lo:hi]
-            found = p >= 0
-            data = {name: np.zeros((hi - lo, *spec.shape), dtype=spec.dtype) for name, spec in specs.items()}
-            if found.any():
-                sel = p[found]
-                srt = np.argsort(sel)
-                sorted_sel = sel[srt]
-                for k, name in targets.items():
-                    if sorted_sel[-1] - sorted_sel[0] + 1 == len(sorted_sel):
-                        block = np.asarray(src[k][int(sorted_sel[0]) : int(sorted_sel[-1]) + 1])
-                    else:
-                        block = np.asarray(src[k][sorted_sel])
-                    rows = np.empty_like(block)
-                    rows[srt] = block
-                    data[name][found] = rows.astype(specs[name].dtype, copy=False)
-            failed = {int(lo + i): f"id not in {path.name}" for i in np.flatnonzero(~found)}
-            if source_status is not None:
-                for i in np.flatnonzero(found):
-                    if source_status[p[i]] != OK:
-                        reason = source_failure[p[i]] if source_failure is not None else ""
-                        failed[int(lo + i)] = reason or "not ok in the source file"
-                        n_src_failed += 1
-            fs.write_shard(s, data, failed)
+        # only a featcache export's status column is known to mean pending / ok / failed
+        status = np.asarray(src["status"][()]) if exported and "status" in src else None
+        failure = _strings(src["failure"][()]) if exported and "failure" in src else None
+        n_src_failed = _copy_rows(fs, src, pos, specs, targets, status, failure, path.name)
     if np.any(fs.status == PENDING):
         raise StoreError(f"{store_url}: feature set '{set_name}' still has pending rows after the import")
     return ImportResult(
@@ -462,6 +387,99 @@ def import_h5(
         arrays=list(specs),
         sha256=digest,
     )
+
+
+def _checked_ids(src: dict[str, Any], path: Path, keys: list[str], ids_key: str) -> np.ndarray:
+    """The file's ids [M] (str), once every features key is there as [M, ...] floating point."""
+    absent = [k for k in [*keys, ids_key] if k not in src]
+    if absent:
+        found = sorted(k for k in src if k != "__attrs__")
+        raise FeatcacheError(
+            f"{path}: no dataset {absent} (datasets: {found[:20]}); choose them with --features-key / --ids-key"
+        )
+    file_ids = _strings(src[ids_key][()])
+    if file_ids.ndim != 1:
+        raise FeatcacheError(f"{path}: '{ids_key}' has shape {file_ids.shape}; ids must be one-dimensional")
+    for k in keys:
+        if src[k].shape[0] != len(file_ids) or len(src[k].shape) < 2:
+            raise FeatcacheError(
+                f"{path}: '{k}' has shape {tuple(src[k].shape)} but '{ids_key}' holds {len(file_ids)} ids; "
+                "features must be [N, ...] with one row per id"
+            )
+        if np.dtype(src[k].dtype).kind != "f":
+            raise FeatcacheError(f"{path}: '{k}' holds {src[k].dtype}, not floating-point features")
+    uniq, counts = np.unique(file_ids, return_counts=True)
+    if np.any(counts > 1):
+        raise FeatcacheError(
+            f"{path}: ids {uniq[counts > 1][:5].tolist()} occur more than once in '{ids_key}'"
+        )
+    return file_ids
+
+
+def _match_rows(file_ids: np.ndarray, m, path: Path, manifest, ids_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(position in the file of each manifest row, -1 when absent; bool [N] found)."""
+    order = np.argsort(file_ids, kind="stable")
+    at = np.searchsorted(file_ids[order], m.ids)
+    at = np.clip(at, 0, max(0, len(file_ids) - 1))
+    hit = file_ids[order][at] == m.ids if len(file_ids) else np.zeros(len(m), bool)
+    if not hit.any():
+        raise FeatcacheError(
+            f"{path}: none of the {len(file_ids)} ids in '{ids_key}' is an id of {manifest} "
+            f"(file: {file_ids[:3].tolist()}, manifest: {m.ids[:3].tolist()}); check --ids-key and the manifest"
+        )
+    return np.where(hit, order[at], -1), hit
+
+
+def _import_attrs(origin: dict, info: dict, targets: dict[str, str], model: str, res: int | None) -> dict:
+    """The imported set's attributes: the file is its defining setting; a featcache export's provenance is kept."""
+    attrs: dict[str, Any] = {
+        "source": "imported",
+        "imported": info,
+        "imported_from": {"sha256": info["sha256"], "arrays": targets},
+        "settings": ["source", "imported_from"],
+        "model": origin.get("model", model),
+        "res": origin.get("res", res),
+    }
+    for key in ("preprocessing", "layers", "provenance", "model_spec", "tokens"):
+        if key in origin:
+            attrs[key] = origin[key]
+    if origin:
+        attrs["origin"] = {
+            k: origin.get(k) for k in ("model", "res", "manifest_digest", "created", "versions")
+        }
+    return attrs
+
+
+def _copy_rows(fs, src, pos, specs, targets, status, failure, file_name: str) -> int:
+    """Write every shard from the file's rows (``pos``: -1 = absent, a failed row); returns the rows the
+    source itself marks not ok."""
+    n_src_failed = 0
+    for s in range(fs.n_shards):
+        lo, hi = fs.shard_range(s)
+        p = pos[lo:hi]
+        found = p >= 0
+        data = {name: np.zeros((hi - lo, *spec.shape), dtype=spec.dtype) for name, spec in specs.items()}
+        if found.any():
+            sel = p[found]
+            srt = np.argsort(sel)
+            sorted_sel = sel[srt]
+            for k, name in targets.items():
+                if sorted_sel[-1] - sorted_sel[0] + 1 == len(sorted_sel):  # one contiguous read
+                    block = np.asarray(src[k][int(sorted_sel[0]) : int(sorted_sel[-1]) + 1])
+                else:
+                    block = np.asarray(src[k][sorted_sel])
+                rows = np.empty_like(block)
+                rows[srt] = block
+                data[name][found] = rows.astype(specs[name].dtype, copy=False)
+        failed = {int(lo + i): f"id not in {file_name}" for i in np.flatnonzero(~found)}
+        if status is not None:
+            for i in np.flatnonzero(found):
+                if status[p[i]] != OK:
+                    reason = failure[p[i]] if failure is not None else ""
+                    failed[int(lo + i)] = reason or "not ok in the source file"
+                    n_src_failed += 1
+        fs.write_shard(s, data, failed)
+    return n_src_failed
 
 
 __all__ = ["ARRAY_NAMES", "FORMATS", "ImportResult", "export_set", "import_h5"]
