@@ -385,6 +385,11 @@ def compare(
 @click.option("--plot-forest", type=click.Path(dir_okay=False), help="Per-label forest plot PNG (with CIs).")
 @click.option("--plot-compare", type=click.Path(dir_okay=False), help="Paired differences of compare PNG.")
 @click.option("--plot-k", type=click.Path(dir_okay=False), help="kNN: metric against k PNG.")
+@click.option(
+    "--plot-reliability",
+    type=click.Path(dir_okay=False),
+    help="Reliability diagrams PNG (one per set and probe).",
+)
 @click.option("--html", type=click.Path(dir_okay=False), help="One self-contained HTML report.")
 @click.option(
     "--parquet", type=click.Path(dir_okay=False), help="Numeric records as Parquet (pandas+pyarrow)."
@@ -392,7 +397,7 @@ def compare(
 @_one_line_errors
 def report(
     results, by, columns, table_kind, fmt, metric, label, where, k, plot, plot_resolution, plot_forest,
-    plot_compare, plot_k, html, parquet,
+    plot_compare, plot_k, plot_reliability, html, parquet,
 ) -> None:  # fmt: skip
     """Paper tables (and plots, and an HTML report) from a results file.
 
@@ -406,7 +411,8 @@ def report(
     text = run_report(
         results, by=_csv_list(by), columns=columns, fmt=fmt, metric=metric, label=label,
         where=list(where), table=table_kind, k=k, plot=plot, plot_resolution=plot_resolution,
-        plot_forest=plot_forest, plot_compare=plot_compare, plot_k=plot_k, html=html, parquet=parquet,
+        plot_forest=plot_forest, plot_compare=plot_compare, plot_k=plot_k, plot_reliability=plot_reliability,
+        html=html, parquet=parquet,
         notes=notes,
     )  # fmt: skip
     click.echo(text.rstrip("\n"))

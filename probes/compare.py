@@ -13,8 +13,9 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from probes.data import check_same_test
 from probes.estimators.logreg import DEFAULT_C_GRID
-from probes.evaluate import MIN_CI_PATIENTS, _binary_targets, _context, _finish, _finite, _load
+from probes.evaluate import MIN_CI_PATIENTS, _context, _finish, _finite, _load
 from probes.evaluation import metrics
+from probes.evaluation.score_rows import _binary_targets
 from probes.evaluation.stats import delong, headline_p, holm, paired_bootstrap
 from probes.fit import knn_scores, logreg_scores
 
@@ -105,98 +106,76 @@ def run_compare(
     for j, name in enumerate(names):
         known = ~np.isnan(Y[:, j])
         counts = {"n_test": int(known.sum()), "n_patients_test": int(len(np.unique(patients[known])))}
+        row = {**base, **counts, "label": name}
         if not defined[j]:
             reason = "one class only among the test rows" if both[j] else "the probe could not be fitted"
-            reason = f"no difference: {reason}"
             rows_label.append(
-                {**base, **counts, "label": name, "value": None, "params": {**params, "skipped": reason}}
+                {**row, "value": None, "params": {**params, "skipped": f"no difference: {reason}"}}
             )
             continue
-        y, sa, sb = Y[known, j], Sa[known, j], Sb[known, j]
-        n_pos = len(np.unique(patients[known][y == 1]))
-        n_neg = len(np.unique(patients[known][y == 0]))
-        if min(n_pos, n_neg) < MIN_CI_PATIENTS:  # no honest CI or test from one patient on a side
-            reason = (
-                f"no CI or p-value ({n_pos} positive and {n_neg} negative patients in test; "
-                f"needs {MIN_CI_PATIENTS} of each)"
-            )
-            rows_label.append(
-                {
-                    **base,
-                    **counts,
-                    "label": name,
-                    "value": float(auc_a[j] - auc_b[j]),
-                    "params": {**params, "auroc_a": auc_a[j], "auroc_b": auc_b[j], "ci": reason},
-                }
-            )
-            continue
-        pb = paired_bootstrap(metrics.auroc, y, sa, sb, patients[known], n_boot, seed)
-        hp = headline_p(y, sa, sb, patients[known], n_boot=n_boot, seed=seed)
-        p_head[j] = hp.p
-        rows_label.append(
-            {
-                **base,
-                **counts,
-                "label": name,
-                "value": pb.diff,
-                "ci_low": pb.low,
-                "ci_high": pb.high,
-                "n_boot": n_boot,
-                "n_boot_skipped": int(pb.n_skipped),
-                "p": _finite(hp.p),
-                "params": {
-                    **params,
-                    "auroc_a": auc_a[j],
-                    "auroc_b": auc_b[j],
-                    "p_method": hp.p_method,
-                    "p_bootstrap": _finite(pb.p),
-                    # images as if independent: shown for reference, never the headline
-                    "p_delong_images": _finite(delong(y, sa, sb).p),
-                    **({"ci": hp.reason} if hp.reason else {}),
-                },
-            }
-        )
+        row, p_head[j] = _label_diff(
+            row, Y[known, j], Sa[known, j], Sb[known, j], patients[known], (auc_a[j], auc_b[j]), params, n_boot, seed
+        )  # fmt: skip
+        rows_label.append(row)
     adjusted = holm(p_head)  # Holm over the headline (patient-level) p-values
     for j, row in enumerate(rows_label):
         if defined[j] and not np.isnan(p_head[j]):
             row["p_holm"] = _finite(adjusted[j])
-    entries = list(rows_label)
-    mean_fields = {"n_test": len(a.test), "n_patients_test": int(len(np.unique(patients)))}
-    if defined.any():
-        cols = np.flatnonzero(defined)
-        pb = paired_bootstrap(
-            metrics.mean_auroc, Y[:, cols], Sa[:, cols], Sb[:, cols], patients, n_boot, seed
-        )
-        entries.append(
-            {
-                **base,
-                **mean_fields,
-                "label": "mean",
-                "value": pb.diff,
-                "ci_low": pb.low,
-                "ci_high": pb.high,
-                "n_boot": n_boot,
-                "n_boot_skipped": int(pb.n_skipped),
-                "p": _finite(pb.p),
-                "params": {
-                    **params,
-                    "auroc_a": float(np.mean(auc_a[cols])),
-                    "auroc_b": float(np.mean(auc_b[cols])),
-                    "p_method": "paired_patient_bootstrap",
-                    "p_bootstrap": _finite(pb.p),
-                    "labels_in_mean": [names[j] for j in cols],
-                    "mean_ci": "draws in which a label of the mean lacks a class are rejected (n_boot_skipped)",
-                },
-            }
-        )
-    else:
-        entries.append(
-            {
-                **base,
-                **mean_fields,
-                "label": "mean",
-                "value": None,
-                "params": {**params, "skipped": "no label has a difference to average"},
-            }
-        )
+    mean_row = {
+        **base,
+        "n_test": len(a.test),
+        "n_patients_test": int(len(np.unique(patients))),
+        "label": "mean",
+    }
+    entries = [
+        *rows_label,
+        _mean_diff(mean_row, Y, Sa, Sb, patients, defined, auc_a, auc_b, names, params, n_boot, seed),
+    ]
     return _finish(entries, run, out)
+
+
+def _label_diff(row, y, sa, sb, patients, aucs, params, n_boot, seed) -> tuple[dict, float]:
+    """One label's difference row (paired bootstrap CI, headline p) and its headline p (NaN: none)."""
+    n_pos, n_neg = len(np.unique(patients[y == 1])), len(np.unique(patients[y == 0]))
+    p = {**params, "auroc_a": aucs[0], "auroc_b": aucs[1]}
+    if min(n_pos, n_neg) < MIN_CI_PATIENTS:  # no honest CI or test from one patient on a side
+        p["ci"] = (
+            f"no CI or p-value ({n_pos} positive and {n_neg} negative patients in test; "
+            f"needs {MIN_CI_PATIENTS} of each)"
+        )
+        return {**row, "value": float(aucs[0] - aucs[1]), "params": p}, float("nan")
+    pb = paired_bootstrap(metrics.auroc, y, sa, sb, patients, n_boot, seed)
+    hp = headline_p(y, sa, sb, patients, n_boot=n_boot, seed=seed)
+    p.update(
+        p_method=hp.p_method,
+        p_bootstrap=_finite(pb.p),
+        # images as if independent: shown for reference, never the headline
+        p_delong_images=_finite(delong(y, sa, sb).p),
+        **({"ci": hp.reason} if hp.reason else {}),
+    )
+    out = {
+        **row, "value": pb.diff, "ci_low": pb.low, "ci_high": pb.high, "n_boot": n_boot,
+        "n_boot_skipped": int(pb.n_skipped), "p": _finite(hp.p), "params": p,
+    }  # fmt: skip
+    return out, hp.p
+
+
+def _mean_diff(row, Y, Sa, Sb, patients, defined, auc_a, auc_b, names, params, n_boot, seed) -> dict:
+    """The mean AUROC's difference over the labels defined in both sets, with its paired bootstrap p."""
+    if not defined.any():
+        return {**row, "value": None, "params": {**params, "skipped": "no label has a difference to average"}}
+    cols = np.flatnonzero(defined)
+    pb = paired_bootstrap(metrics.mean_auroc, Y[:, cols], Sa[:, cols], Sb[:, cols], patients, n_boot, seed)
+    return {
+        **row, "value": pb.diff, "ci_low": pb.low, "ci_high": pb.high, "n_boot": n_boot,
+        "n_boot_skipped": int(pb.n_skipped), "p": _finite(pb.p),
+        "params": {
+            **params,
+            "auroc_a": float(np.mean(auc_a[cols])),
+            "auroc_b": float(np.mean(auc_b[cols])),
+            "p_method": "paired_patient_bootstrap",
+            "p_bootstrap": _finite(pb.p),
+            "labels_in_mean": [names[j] for j in cols],
+            "mean_ci": "draws in which a label of the mean lacks a class are rejected (n_boot_skipped)",
+        },
+    }  # fmt: skip

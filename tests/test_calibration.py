@@ -12,6 +12,8 @@ from probes.data import load_probe_data
 from probes.evaluation import calibration, metrics
 from probes.evaluation.score_rows import score_entries
 from probes.fit import knn_scores, logreg_scores
+from probes.report.reliability import plot_reliability, reliability_groups
+from probes.results import read_jsonl
 from probes.run import run_knn, run_logreg
 
 
@@ -147,12 +149,39 @@ def test_plot_reliability_from_scores_and_from_rows(tmp_path):
     rng = np.random.default_rng(0)
     p = rng.random(200)
     y = (rng.random(200) < p).astype(float)
-    path = calibration.plot_reliability({"effusion": (y, p)}, tmp_path / "a" / "rel.png")
+    path = plot_reliability({"effusion": (y, p)}, tmp_path / "a" / "rel.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = make_set(tmp_path, n_patients=30)
     rows = run_logreg(s["cache"], C=1.0, n_boot=5)
-    assert calibration.plot_reliability(rows, tmp_path / "rows.png").stat().st_size > 1000
+    assert plot_reliability(rows, tmp_path / "rows.png").stat().st_size > 1000
     with pytest.raises(FeatcacheError, match="nothing to draw"):
-        calibration.plot_reliability([r for r in rows if r["metric"] == "auroc"], tmp_path / "x.png")
+        plot_reliability([r for r in rows if r["metric"] == "auroc"], tmp_path / "x.png")
     r = calibration.reliability_bins(y, p, 10)
     assert r["count"].sum() == 200 and np.nanmax(np.abs(r["mean_p"] - (np.arange(10) + 0.5) / 10)) < 0.05
+
+
+def test_report_draws_one_reliability_diagram_per_set_and_probe(tmp_path):
+    pytest.importorskip("matplotlib")
+    from click.testing import CliRunner
+
+    from cli import probes as probes_cli
+
+    s = make_set(tmp_path, n_patients=30)
+    out = tmp_path / "r.jsonl"
+    run_logreg(s["cache"], C=1.0, n_boot=5, out=out)
+    run_knn(s["cache"], k=(3, 5), n_boot=5, out=out)
+    run_logreg(s["cache"], C=1.0, n_boot=5, out=out)  # a re-run: drawn once
+    groups = reliability_groups(read_jsonl(out))
+    assert [c.split("probe=")[1] for c, _ in groups] == ["logreg", "knn, k=5"]  # the largest k only
+    for _, g in groups:  # one curve per label, each the bins its ece row carries
+        labels = [r["label"] for r in g]
+        assert len(labels) == len(set(labels)) == 2 and {r.get("k") for r in g} <= {None, 5}
+    r = CliRunner().invoke(probes_cli, ["report", str(out), "--plot-reliability", str(tmp_path / "rel.png")])
+    assert r.exit_code == 0, r.output
+    drawn = sorted(p.name for p in tmp_path.glob("rel-*.png"))
+    assert len(drawn) == 2 and all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in drawn), drawn
+    assert r.output.count("reliability diagram:") == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n".join(line for line in out.read_text().splitlines() if '"ece"' not in line) + "\n")
+    r = CliRunner().invoke(probes_cli, ["report", str(empty), "--plot-reliability", str(tmp_path / "x.png")])
+    assert r.exit_code != 0 and "no ece rows with reliability bins" in r.output

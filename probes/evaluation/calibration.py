@@ -15,20 +15,15 @@ These only mean something for probabilities: logistic-regression sigmoid/softmax
 shares and ML-kNN posteriors are; the rows say which (``params.calibration_of``). Scores outside
 [0, 1] are refused (:func:`check_probabilities`).
 
-This module does not import torch; matplotlib is imported only by :func:`plot_reliability`.
+This module does not import torch or matplotlib (the diagram is :mod:`probes.report.reliability`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from probes.evaluation.metrics import _binary_labels, _finite_scores
+from probes.evaluation.rank_metrics import _binary_labels, _finite_scores
 
 __all__ = [
     "DEFAULT_BINS",
@@ -37,7 +32,6 @@ __all__ = [
     "check_probabilities",
     "ece",
     "ece_rows",
-    "plot_reliability",
     "reliability_bins",
 ]
 
@@ -132,61 +126,3 @@ def reliability_bins(y_true, p, n_bins: int = DEFAULT_BINS) -> dict[str, np.ndar
         mean_p = np.bincount(b, pp, minlength=n_bins) / count
         frac = np.bincount(b, yy, minlength=n_bins) / count
     return {"edges": np.linspace(0, 1, n_bins + 1), "count": count, "mean_p": mean_p, "frac_pos": frac}
-
-
-def plot_reliability(
-    curves: Mapping[str, tuple[Any, Any]] | Iterable[Mapping[str, Any]],
-    path: str | os.PathLike,
-    n_bins: int = DEFAULT_BINS,
-    title: str | None = None,
-) -> Path:
-    """Write a reliability diagram (PNG) of one or more labels' probabilities.
-
-    Args:
-        curves: ``{name: (y [n], p [n])}`` (probe scores and labels), or result rows: the
-            ``reliability`` entries of ``ece`` rows (``params.reliability`` holds the bins) are drawn,
-            one curve per row, named by its label (and subgroup).
-        path: PNG to write (folders created).
-        n_bins: bins for ``{name: (y, p)}`` input.
-        title: figure title.
-
-    Returns:
-        The path written.
-
-    Raises:
-        FeatcacheError: nothing to draw, or matplotlib is not installed.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a dependency of the report extra
-        raise FeatcacheError("plot_reliability needs matplotlib: pip install matplotlib") from None
-    series: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if isinstance(curves, Mapping):
-        for name, (y, p) in curves.items():
-            r = reliability_bins(y, p, n_bins)
-            series.append((str(name), r["mean_p"], r["frac_pos"]))
-    else:
-        for row in curves:
-            rel = (row.get("params") or {}).get("reliability")
-            if row.get("metric") != "ece" or not rel:
-                continue
-            sub = (row.get("params") or {}).get("subgroup")
-            name = row["label"] + (f" {sub}" if sub else "")
-            series.append((name, np.array(rel["mean_p"], float), np.array(rel["frac_pos"], float)))
-    if not series:
-        raise FeatcacheError("nothing to draw: give {name: (y, p)} or result rows with 'ece' metrics")
-    fig = Figure(figsize=(5.0, 5.0), dpi=150)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
-    for name, mp, fr in series:
-        ok = ~(np.isnan(mp) | np.isnan(fr))
-        ax.plot(mp[ok], fr[ok], marker="o", ms=3, lw=1.2, label=name)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="fraction positive")
-    ax.set_title(title or "reliability diagram")
-    ax.legend(fontsize=7, loc="upper left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

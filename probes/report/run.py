@@ -129,6 +129,7 @@ def run_report(
     plot_forest: str | os.PathLike | None = None,
     plot_compare: str | os.PathLike | None = None,
     plot_k: str | os.PathLike | None = None,
+    plot_reliability: str | os.PathLike | None = None,
     html: str | os.PathLike | None = None,
     parquet: str | os.PathLike | None = None,
     notes: list[str] | None = None,
@@ -166,6 +167,8 @@ def run_report(
             backbone; with several probe settings, one file each (``stem-<setting>.png``).
         plot_compare: PNG path for the paired differences of ``probes compare`` (zero line).
         plot_k: PNG path for kNN: metric against k.
+        plot_reliability: PNG path for reliability diagrams of the ``ece`` rows, one per feature set and
+            probe (``stem-<set>.png`` beside it when there are several).
         html: path of one self-contained HTML report (summary and per-label tables, figures,
             provenance of every set, the labels behind each mean).
         parquet: path of a Parquet file of the numeric records (needs pandas and pyarrow).
@@ -291,6 +294,16 @@ def run_report(
     if plot_k is not None:
         figures.append((f"kNN: {metric} against k", _plot_k(rows, plot_k, by=by, metric=metric, label=label)))
         text += f"\nk plot: {figures[-1][1]}\n"
+    if plot_reliability is not None:
+        from probes.report.reliability import plot_reliability as _plot_rel
+        from probes.report.reliability import reliability_groups
+
+        groups = reliability_groups(rows)
+        if not groups:
+            raise FeatcacheError(f"{results}: no ece rows with reliability bins (kNN or logreg runs) to draw")
+        for (caption, g), path in zip(groups, _paths(plot_reliability, [c for c, _ in groups])):
+            figures.append((f"reliability: {caption}", _plot_rel(g, path, title=f"reliability: {caption}")))
+            text += f"\nreliability diagram: {path}\n"
     if html is not None:
         from probes.report.html import write_html
 
@@ -369,6 +382,16 @@ def _auto_figures(
     with_roc = [
         r for r in rows if r.get("metric") == "auroc" and isinstance((r.get("params") or {}).get("roc"), dict)
     ]
+    if "reliability" not in made_kinds:
+        from probes.report.reliability import plot_reliability, reliability_groups
+
+        for caption, g in reliability_groups(rows):
+            todo.append(
+                (
+                    f"reliability: {caption}",
+                    lambda path, g=g, c=caption: plot_reliability(g, path, title=f"reliability: {c}"),
+                )
+            )
     if "ROC" not in made_kinds:
         for key in dict.fromkeys((r.get("dataset"), r.get("probe"), r.get("features")) for r in with_roc):
             where = dict(zip(("dataset", "probe", "features"), key))
