@@ -13,7 +13,9 @@ summary over labels):
 - ``sensitivity@0.5``, ``specificity@0.5``, ``f1@0.5`` per label (score >= 0.5), and the same at
   ``@youden``: the threshold maximising Youden's J on the validation split, applied unchanged to
   test (``params.threshold``; null when validation lacks a class). Multi-class: per class, one vs
-  rest on the class probability.
+  rest on the class probability. Each with a patient-level CI from the same draws as the AUROC's,
+  the threshold held fixed (it was chosen before test was seen); sensitivity needs 2 positive
+  patients, specificity 2 negative, F1 2 of each.
 - Multi-class only: ``accuracy`` and ``balanced_accuracy`` of the arg-max class, with CIs (label
   ``mean``).
 - ``auprc`` (average precision, as ``sklearn.metrics.average_precision_score``), ``ece`` (10
@@ -37,11 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
 from probes.data import ProbeData, load_probe_data
 from probes.evaluation import metrics
 from probes.evaluation.calibration import DEFAULT_BINS
-from probes.evaluation.score_rows import _binary_targets, score_entries
+from probes.evaluation.score_rows import (
+    _binary_targets,
+    ci_reason,
+    draw_counts,
+    percentile_ci,
+    score_entries,
+    thresholded_draws,
+)
 from probes.evaluation.stats import bootstrap_ci
 from probes.fit import Scored
 from probes.report.roc import roc_curve_params
@@ -134,10 +142,6 @@ def evaluate_scores(
     fitted = np.asarray(sc.fitted, bool)
     label_extra = sc.extra or [{} for _ in names]
     Y = _binary_targets(data, "test")
-    Yv = None
-    if sc.thr_s is not None and len(sc.thr_s):
-        Yv = sc.thr_y.astype(np.float64) if data.task == "multilabel" else metrics.one_hot(sc.thr_y, L)
-        S_val = np.asarray(sc.thr_s, dtype=np.float64)
     patients = data.test.patients
     S = np.asarray(sc.test, dtype=np.float64)
     params = {**params, "fit_rows": sc.fit_rows, "threshold_from": sc.thr_from}
@@ -156,6 +160,8 @@ def evaluate_scores(
         ci = bootstrap_ci(metrics.auroc_per_label, Y[:, with_ci], S[:, with_ci], patients, n_boot, seed)
         low[with_ci], high[with_ci], skipped[with_ci] = ci.low, ci.high, ci.n_skipped
     entries: list[dict[str, Any]] = []
+    thresholds = sc.thresholds(data.task)
+    draws = draw_counts(patients, n_boot, seed)  # the draws of every interval of the run
 
     def entry(label: str, metric: str, value, extra: dict | None = None, **fields) -> None:
         extra = dict(extra or {})
@@ -190,20 +196,9 @@ def evaluate_scores(
                 for t in ("0.5", "youden"):
                     entry(name, f"{m}@{t}", None, label_extra[j], **counts, params={"skipped": why_not})
             continue
-        thresholds: dict[str, tuple[float, str | None]] = {"0.5": (0.5, None)}
-        if Yv is None:
-            thresholds["youden"] = (float("nan"), "no held-out scores to choose a threshold on")
-        else:
-            ok = ~np.isnan(S_val[:, j])
-            try:
-                thresholds["youden"] = (metrics.youden_threshold(Yv[ok, j], S_val[ok, j]), None)
-            except FeatcacheError:
-                n_p, n_n = int((Yv[ok, j] == 1).sum()), int((Yv[ok, j] == 0).sum())
-                thresholds["youden"] = (
-                    float("nan"),
-                    f"{sc.thr_from} rows hold {n_p} positives and {n_n} negatives: no Youden threshold",
-                )
-        for t_name, (t, why) in thresholds.items():
+        usable = {n: t for n, (t, why) in thresholds[j].items() if why is None and known.any()}
+        t_draws = thresholded_draws(Y[:, j], S[:, j], usable, *draws) if usable else {}
+        for t_name, (t, why) in thresholds[j].items():
             if why is None and not known.any():
                 why = "no test row has this label"
             if why is not None:
@@ -213,9 +208,15 @@ def evaluate_scores(
                 values = {m: _finite(bm[m]) for m in _THRESHOLD_METRICS}
             for m, v in values.items():
                 p = {"threshold": _finite(t)}
+                ci: dict[str, Any] = {}
                 if v is None:
                     p["skipped"] = why or f"undefined at this threshold ({m} needs both classes in test)"
-                entry(name, f"{m}@{t_name}", v, label_extra[j], **counts, params=p)
+                elif (reason := ci_reason(m, Y[:, j], patients)) is not None:
+                    p["ci"] = reason
+                else:  # the threshold stays fixed: it was chosen before test was seen
+                    low_t, high_t, n_skip = percentile_ci(t_draws[t_name][m])
+                    ci = {"ci_low": low_t, "ci_high": high_t, "n_boot": n_boot, "n_boot_skipped": n_skip}
+                entry(name, f"{m}@{t_name}", v, label_extra[j], **counts, **ci, params=p)
 
     n_mean = int(defined.sum())
     mean_fields = {"n_test": len(data.test), "n_patients_test": int(len(np.unique(patients)))}

@@ -57,6 +57,35 @@ class Scored:
     n_fit: int = 0
     fit_rows: str = "train"
 
+    def thresholds(self, task: str) -> list[dict[str, tuple[float, str | None]]]:
+        """Per label, ``{"0.5": (0.5, None), "youden": (t, why)}``: the fixed threshold and the one
+        maximising Youden's J on the held-out scores (NaN with the reason when there is none).
+
+        Args:
+            task: ``multilabel`` (``thr_y`` float [m, L]) or ``multiclass`` (int [m], one-vs-rest).
+        """
+        from probes.evaluation import metrics
+
+        L = self.test.shape[1]
+        out: list[dict[str, tuple[float, str | None]]] = [{"0.5": (0.5, None)} for _ in range(L)]
+        if self.thr_s is None or not len(self.thr_s):
+            for t in out:
+                t["youden"] = (float("nan"), "no held-out scores to choose a threshold on")
+            return out
+        Yv = self.thr_y.astype(np.float64) if task == "multilabel" else metrics.one_hot(self.thr_y, L)
+        Sv = np.asarray(self.thr_s, dtype=np.float64)
+        for j, t in enumerate(out):
+            ok = ~np.isnan(Sv[:, j])
+            try:
+                t["youden"] = (metrics.youden_threshold(Yv[ok, j], Sv[ok, j]), None)
+            except FeatcacheError:
+                n_p, n_n = int((Yv[ok, j] == 1).sum()), int((Yv[ok, j] == 0).sum())
+                t["youden"] = (
+                    float("nan"),
+                    f"{self.thr_from} rows hold {n_p} positives and {n_n} negatives: no Youden threshold",
+                )
+        return out
+
 
 def patient_folds(patients: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """int [n] fold of each row, whole patients per fold, patients dealt round-robin in a seeded order.

@@ -17,8 +17,10 @@ with ``params.subgroup = {"meta_sex": "F"}`` (``params.subgroup_bands`` holds th
 column). The fitted model and the Youden thresholds are those of the whole run; only the scored
 rows change. Each group's CI resamples that group's patients.
 
-Gaps: ``<metric>_gap`` rows (metrics ``auroc``, ``auprc``, ``ece``, ``brier``, per label and mean)
-with ``params.subgroup_by`` and ``params.groups``. Two groups: the difference first minus second
+Gaps: ``<metric>_gap`` rows (metrics ``auroc``, ``auprc``, ``ece``, ``brier``, and
+``sensitivity@youden`` / ``specificity@youden``, the true- and false-positive-rate gaps at the run's
+held-out Youden threshold of each label; per label and mean) with ``params.subgroup_by`` and
+``params.groups``. Two groups: the difference first minus second
 (groups in sorted order, ``params.gap = "F - M"``), its patient-bootstrap CI and a two-sided
 bootstrap p (as :func:`probes.evaluation.stats.paired_bootstrap` defines it). More groups: max - min over the
 groups (``params.gap = "max - min"``, ``params.group_values`` the per-group values) and its CI. Gap
@@ -58,7 +60,7 @@ MAX_LEVELS = 4
 """A numeric column with at most this many distinct values is treated as categories, not banded."""
 MAX_GROUPS = 50
 """More distinct values than this in a categorical column is refused (give bands instead)."""
-GAP_METRICS = ("auroc", "auprc", "ece", "brier")
+GAP_METRICS = ("auroc", "auprc", "ece", "brier", "sensitivity@youden", "specificity@youden")
 
 _NUM = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
@@ -257,7 +259,9 @@ def _gap_entries(data, sc, Y, S, g: Grouping, base, params, counts, inverse, n_b
     gp = {**params, "groups": list(g.names), "gap": f"{g.names[0]} - {g.names[1]}" if two else "max - min"}
     out = []
     n_all = {"n_test": int(in_any.sum()), "n_patients_test": int(len(np.unique(patients[in_any])))}
+    thresholds = sc.thresholds(data.task)
     for m in GAP_METRICS:
+        m0, _, t_name = m.partition("@")  # a thresholded metric: at the run's threshold of each label
         point = np.full((len(names), len(g.names)), np.nan)
         draws = np.full((len(counts), len(names), len(g.names)), np.nan)
         why: dict[int, str] = {}
@@ -265,9 +269,13 @@ def _gap_entries(data, sc, Y, S, g: Grouping, base, params, counts, inverse, n_b
             if not fitted[j]:
                 why[j] = "the probe could not be fitted for this label"
                 continue
+            t, no_t = thresholds[j][t_name] if t_name else (None, None)
+            if no_t:
+                why[j] = no_t
+                continue
             try:
                 for i, mk in enumerate(masks):
-                    point[j, i] = metric_value(m, Y[mk, j], S[mk, j], n_bins=n_bins)[0]
+                    point[j, i] = metric_value(m0, Y[mk, j], S[mk, j], n_bins=n_bins, threshold=t)[0]
             except FeatcacheError as err:
                 why[j] = str(err)
                 continue
@@ -275,12 +283,14 @@ def _gap_entries(data, sc, Y, S, g: Grouping, base, params, counts, inverse, n_b
             if bad:
                 why[j] = f"{m} is undefined in group {', '.join(bad)}"
                 continue
-            reasons = [ci_reason(m, Y[mk, j], patients[mk]) for mk in masks]
+            reasons = [ci_reason(m0, Y[mk, j], patients[mk]) for mk in masks]
             if any(reasons):
                 why[j] = None  # value given, no CI
                 continue
             for i, mk in enumerate(masks):
-                draws[:, j, i] = metric_draws(m, Y[:, j], S[:, j], counts, inverse, mask=mk, n_bins=n_bins)
+                draws[:, j, i] = metric_draws(
+                    m0, Y[:, j], S[:, j], counts, inverse, mask=mk, n_bins=n_bins, threshold=t
+                )
         for j, label in enumerate(names):
             p = {**gp, "group_values": dict(zip(g.names, point[j].tolist()))}
             e = {**base, **n_all, "label": label, "metric": f"{m}_gap", "value": None, "params": p}

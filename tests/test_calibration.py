@@ -185,3 +185,42 @@ def test_report_draws_one_reliability_diagram_per_set_and_probe(tmp_path):
     empty.write_text("\n".join(line for line in out.read_text().splitlines() if '"ece"' not in line) + "\n")
     r = CliRunner().invoke(probes_cli, ["report", str(empty), "--plot-reliability", str(tmp_path / "x.png")])
     assert r.exit_code != 0 and "no ece rows with reliability bins" in r.output
+
+
+def test_thresholded_cis_are_a_patient_bootstrap_of_sklearn_metrics_at_the_fixed_threshold():
+    from sklearn.metrics import f1_score, recall_score
+
+    from probes.data import ProbeData, Split
+    from probes.evaluate import evaluate_scores
+    from probes.fit import Scored
+
+    rng = np.random.default_rng(7)
+    n_pat, n_boot, seed = 40, 80, 3
+    patients = np.repeat([f"p{i:02d}" for i in range(n_pat)], 2)
+    y = rng.integers(0, 2, len(patients)).astype(float)
+    s = np.clip(y * 0.35 + rng.random(len(y)) * 0.65, 0, 1)
+    yv = rng.integers(0, 2, 50).astype(float)
+    sv = np.clip(yv * 0.35 + rng.random(50) * 0.65, 0, 1)
+    test = Split(np.zeros((len(y), 1), np.float32), y[:, None], patients, patients, np.arange(len(y)))
+    empty = Split(np.zeros((0, 1), np.float32), np.zeros((0, 1)), np.array([]), np.array([]), np.arange(0))
+    data = ProbeData(task="multilabel", label_names=["a"], train=empty, val=empty, test=test)
+    sc = Scored(s[:, None], yv[:, None], sv[:, None], "val", np.ones(1, bool))
+    rows = {e["metric"]: e for e in evaluate_scores(data, sc, {}, {}, n_boot, seed) if e["label"] == "a"}
+    uniq = np.unique(patients)
+    draws = np.random.default_rng(seed).integers(0, n_pat, size=(n_boot, n_pat))
+    idx = [np.concatenate([np.flatnonzero(patients == uniq[p]) for p in d]) for d in draws]
+    refs = {
+        "sensitivity": lambda yy, pp: recall_score(yy, pp, zero_division=np.nan),
+        "specificity": lambda yy, pp: recall_score(1 - yy, 1 - pp, zero_division=np.nan),
+        "f1": lambda yy, pp: f1_score(yy, pp, zero_division=np.nan),
+    }
+    for t_name in ("0.5", "youden"):
+        for m, ref in refs.items():
+            e = rows[f"{m}@{t_name}"]
+            t = e["params"]["threshold"]
+            assert e["value"] == pytest.approx(ref(y, s >= t), abs=1e-12)
+            vals = np.array([ref(y[i], s[i] >= t) for i in idx], dtype=float)
+            ok = vals[~np.isnan(vals)]
+            assert [e["ci_low"], e["ci_high"]] == pytest.approx(np.percentile(ok, [2.5, 97.5]), abs=1e-12)
+            assert e["n_boot"] == n_boot and e["n_boot_skipped"] == len(vals) - len(ok)
+    assert rows["sensitivity@youden"]["params"]["threshold"] != 0.5

@@ -204,6 +204,35 @@ def test_two_group_gap_and_its_ci_from_a_numpy_patient_bootstrap(toy):
     assert brier["value"] == pytest.approx(want, abs=1e-12)
 
 
+def test_true_positive_rate_gap_at_the_runs_youden_threshold_from_a_numpy_bootstrap(toy):
+    from sklearn.metrics import recall_score
+
+    n_boot, seed = 40, 3
+    rows = run_logreg(toy["cache"], C=1.0, n_boot=n_boot, seed=seed, by="meta_sex")
+    data, S = _scores(toy)
+    Y, pat = data.test.y, data.test.patients
+    g = _test_meta(toy, "sex", data)
+    t = _pick(rows, "sensitivity@youden", "effusion")["params"]["threshold"]  # the whole run's
+    r = _pick(rows, "sensitivity@youden_gap", "effusion")
+
+    def tpr(k):
+        return recall_score(Y[k, 0], S[k, 0] >= t, zero_division=np.nan) if (Y[k, 0] == 1).any() else np.nan
+
+    assert r["value"] == pytest.approx(tpr(g == "F") - tpr(g == "M"), abs=1e-12)
+    assert r["params"]["group_values"] == pytest.approx({"F": tpr(g == "F"), "M": tpr(g == "M")})
+    uniq = np.unique(pat)
+    draws = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
+    diffs = []
+    for d in draws:
+        idx = np.concatenate([np.flatnonzero(pat == uniq[p]) for p in d])
+        diffs.append(tpr(idx[g[idx] == "F"]) - tpr(idx[g[idx] == "M"]))
+    diffs = np.array(diffs, dtype=float)
+    ok = diffs[~np.isnan(diffs)]
+    assert [r["ci_low"], r["ci_high"]] == pytest.approx(np.percentile(ok, [2.5, 97.5]), abs=1e-12)
+    spec = _pick(rows, "specificity@youden_gap", "mean")
+    assert spec["params"]["labels_in_mean"] and spec["value"] is not None
+
+
 def test_numeric_column_banded_by_quartiles_or_given_edges(toy):
     rows = run_knn(toy["cache"], k=(10,), n_boot=20, by="meta_age,meta_sex")
     data = load_probe_data(toy["cache"])

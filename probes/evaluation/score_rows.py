@@ -50,8 +50,14 @@ def draw_counts(patients: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarra
     return counts.reshape(n_boot, P), inverse
 
 
-def metric_value(metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins: int = 10) -> np.ndarray:
-    """``metric`` (``auroc``, ``auprc``, ``ece``, ``brier``) of one label under weights.
+THRESHOLD_METRICS = ("sensitivity", "specificity", "f1")
+
+
+def metric_value(
+    metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins: int = 10, threshold: float | None = None
+) -> np.ndarray:
+    """``metric`` (``auroc``, ``auprc``, ``ece``, ``brier``; with ``threshold``: ``sensitivity``,
+    ``specificity``, ``f1`` of ``score >= threshold``) of one label under weights.
 
     Args:
         metric: the metric name.
@@ -59,6 +65,7 @@ def metric_value(metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins:
         s: float [n] scores (probabilities for ece/brier).
         weight: None (every row once) or float [E, n] weights.
         n_bins: ECE bins.
+        threshold: the decision threshold of the thresholded metrics.
 
     Returns:
         float64 [E] (E = 1 without weights); NaN where undefined.
@@ -66,6 +73,10 @@ def metric_value(metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins:
     known = ~np.isnan(y)
     y, s = y[known], s[known]
     w = np.ones((1, len(y))) if weight is None else np.atleast_2d(weight)[:, known]
+    if metric in THRESHOLD_METRICS:
+        if threshold is None:
+            raise ValueError(f"{metric} needs a threshold")
+        return _thresholded(metric, y, s >= threshold, w)
     if metric == "ece":
         return calibration.ece_rows(y, s, w, n_bins)
     if metric == "brier":
@@ -79,7 +90,42 @@ def metric_value(metric: str, y: np.ndarray, s: np.ndarray, weight=None, n_bins:
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def metric_draws(metric: str, y, s, counts, inverse, mask=None, n_bins: int = 10) -> np.ndarray:
+def _thresholded(metric: str, y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted sensitivity, specificity or F1 [E] from 0/1 ``y`` [n], bool ``pred`` [n], weights [E, n]:
+    each row counted as often as its weight, so a draw's weights give the resample's value."""
+    pos, hit = y == 1, pred.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "sensitivity":
+            return (w @ (pos * hit)) / (w @ pos)
+        if metric == "specificity":
+            return (w @ (~pos * (1.0 - hit))) / (w @ ~pos)
+        tp, fp, fn = w @ (pos * hit), w @ (~pos * hit), w @ (pos * (1.0 - hit))
+        return np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
+def thresholded_draws(
+    y, s, thresholds: dict[str, float], counts, inverse
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every thresholded metric at every threshold on every draw: ``{threshold name: {metric: float64 [B]}}``.
+
+    The same values as :func:`metric_draws` one metric at a time, with each block of draw weights
+    built once for all of them."""
+    known = np.flatnonzero(~np.isnan(y))
+    y, s, inverse = y[known], s[known], inverse[known]
+    out = {t: {m: np.empty(len(counts)) for m in THRESHOLD_METRICS} for t in thresholds}
+    step = max(1, _BLOCK // max(1, len(known)))
+    for b in range(0, len(counts), step):
+        w = counts[b : b + step][:, inverse].astype(np.float64)
+        for name, t in thresholds.items():
+            pred = s >= t
+            for m in THRESHOLD_METRICS:
+                out[name][m][b : b + step] = _thresholded(m, y, pred, w)
+    return out
+
+
+def metric_draws(
+    metric: str, y, s, counts, inverse, mask=None, n_bins: int = 10, threshold: float | None = None
+) -> np.ndarray:
     """``metric`` on every draw: float64 [B]; ``mask`` (bool [n]) restricts to some rows (a subgroup)
     while keeping the draws of all patients."""
     rows = np.arange(len(y)) if mask is None else np.flatnonzero(mask)
@@ -87,7 +133,7 @@ def metric_draws(metric: str, y, s, counts, inverse, mask=None, n_bins: int = 10
     step = max(1, _BLOCK // max(1, len(rows)))
     for b in range(0, len(counts), step):
         w = counts[b : b + step][:, inverse[rows]].astype(np.float64)
-        out[b : b + step] = metric_value(metric, y[rows], s[rows], w, n_bins)
+        out[b : b + step] = metric_value(metric, y[rows], s[rows], w, n_bins, threshold)
     return out
 
 
@@ -103,7 +149,12 @@ def percentile_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float
 def ci_reason(metric: str, y: np.ndarray, patients: np.ndarray) -> str | None:
     """Why ``metric`` of label y [n] gets no CI (too few patients), or None."""
     known = ~np.isnan(y)
-    if metric in ("auroc", "auprc"):
+    if metric in ("sensitivity", "specificity"):  # a rate over one class's rows
+        side = 1 if metric == "sensitivity" else 0
+        n = len(np.unique(patients[known & (y == side)]))
+        what = "positive" if side else "negative"
+        return None if n >= MIN_PATIENTS else f"no CI ({n} {what} test patients; a CI needs {MIN_PATIENTS})"
+    if metric in ("auroc", "auprc", "f1"):
         n_p = len(np.unique(patients[known & (y == 1)]))
         n_n = len(np.unique(patients[known & (y == 0)]))
         if n_p < MIN_PATIENTS or n_n < MIN_PATIENTS:
