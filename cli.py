@@ -57,7 +57,10 @@ def demo(out: str, model: str, res: int, patients: int) -> None:
 
 @click.group()
 def study() -> None:
-    """Run a whole study from one TOML plan: extraction, every probe, the report (docs/STUDY.md)."""
+    """Run a whole study from one TOML plan: extraction, every probe, the report (docs/STUDY.md).
+
+    Example: featcache study plan plan.toml --dry-run && featcache study run plan.toml
+    """
 
 
 @study.command(name="run")

@@ -107,6 +107,19 @@ def _echo_err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _one_line_warnings() -> None:
+    """Warnings of a command (a logreg fit at max_iter, ...) as one ``warning:`` line on stderr, not
+    Python's file:line form with the source line under it."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(
+            f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", err=True
+        )
+
+    warnings.showwarning = show
+
+
 def _verbosity_options(fn):
     """``--quiet/--verbose`` of a command group, kept in ``ctx.obj["verbosity"]`` (-1, 0, 1)."""
 
@@ -124,6 +137,7 @@ def _verbosity_options(fn):
         level = -1 if quiet else 1 if verbose else 0
         ctx.ensure_object(dict)["verbosity"] = level
         set_verbosity(level)
+        _one_line_warnings()
         return fn(**kwargs)
 
     return wrapper

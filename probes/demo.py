@@ -26,8 +26,8 @@ def demo_probes(out: str | Path, set_name: str):
     for stale in out.glob("results.jsonl*"):
         stale.unlink()
     cache = str(out / "cache")
-    run_knn(cache, set_name, out=results, n_boot=200)
-    run_logreg(cache, set_name, out=results, n_boot=200)
+    run_knn(cache, set_name, out=results)  # the commands' defaults: a rerun gives the same rows
+    run_logreg(cache, set_name, out=results)
     run_fewshot(cache, set_name, shots=[1, 2, 4, 8], seeds=5, out=results)
     yield f"probes:   kNN, logistic regression, few-shot 1..8 shots x 5 seeds -> {results} ({len(read_jsonl(results))} rows)"
     try:
@@ -51,4 +51,4 @@ def demo_probes(out: str | Path, set_name: str):
     yield ""
     yield md.rstrip()
     yield ""
-    yield f"next: featcache info {cache} ; probes report {results} --help ; featcache extract --help"
+    yield f"next: featcache info {cache} ; probes report {results} --table per-label ; featcache extract --help"

@@ -167,3 +167,17 @@ def test_split_warns_when_shares_cannot_be_met(tmp_path):
         featcache, ["split", str(tmp_path / "m.csv"), "--by", "meta_sex", "--out", str(tmp_path / "s.csv")]
     )
     assert r.exit_code == 0 and "warning: val holds 0.0% of the images, not 10%" in r.output
+
+
+def test_a_commands_warnings_are_one_line(capsys):
+    import warnings
+
+    from featcache.cli_util import _one_line_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _one_line_warnings()
+        warnings.warn(
+            "LogRegProbe: 1 of 36 grid fits stopped at max_iter\nsecond line", UserWarning, stacklevel=1
+        )
+    assert capsys.readouterr().err == "warning: LogRegProbe: 1 of 36 grid fits stopped at max_iter\n"

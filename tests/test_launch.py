@@ -243,6 +243,14 @@ def test_python_dash_m_featcache_runs_the_cli():
         [sys.executable, "-m", "featcache", "extract", "--help"], capture_output=True, text=True, cwd=REPO
     )
     assert out.returncode == 0 and "--num-shards" in out.stdout and "--threads" in out.stdout
+    probes = subprocess.run(
+        [sys.executable, "-m", "probes", "knn", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert (
+        probes.returncode == 0
+        and probes.stdout.startswith("Usage: probes knn")
+        and "--search" in probes.stdout
+    )
 
 
 def test_submitit_local_array_fills_the_set(tmp_path, manifest):

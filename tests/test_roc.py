@@ -39,6 +39,16 @@ def test_vertices_are_sklearns(n, ties):
     assert np.trapezoid(p["tpr"], p["fpr"]) == pytest.approx(roc_auc_score(y[keep], s[keep]), abs=1e-4)
 
 
+@pytest.mark.parametrize("scores", [[0.5] * 4, [0.2, 0.7, 0.2, 0.7], [0.1, 0.1, 0.9, 0.1]])
+def test_one_or_two_distinct_scores_give_sklearns_vertices(scores):
+    """ML-kNN posteriors of a rare label are often one value for every test row."""
+    y, s = np.array([0.0, 1, 0, 1]), np.array(scores)
+    F, T, _ = roc_curve(y, s)
+    f, t = roc_vertices(y, s)
+    np.testing.assert_array_equal(f, F)
+    np.testing.assert_array_equal(t, T)
+
+
 def test_long_curves_are_thinned_to_exact_vertices():
     y, s = _labels_scores(5000, 1)
     F, T, _ = roc_curve(y, s)

@@ -62,7 +62,8 @@ def roc_vertices(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last row of each distinct score
     tps = np.cumsum(y)[last]
     fps = 1 + last - tps
-    corner = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]  # sklearn's rule
+    corner = np.ones(len(tps), bool)  # one distinct score: the single vertex (1, 1)
+    corner[1:-1] = np.logical_or(np.diff(fps, 2), np.diff(tps, 2))  # sklearn's rule
     tps, fps = np.r_[0, tps[corner]], np.r_[0, fps[corner]]
     return fps / n_neg, tps / n_pos
 
