@@ -21,7 +21,7 @@ from featcache.store.layout import attrs_digest
 if TYPE_CHECKING:
     from featcache.store.feature_set import FeatureSet
 
-FORMAT_VERSIONS = (1, 2)  # 1: no checksums (still read); 2: crc32c on every chunk, atomic creation
+FORMAT_VERSIONS = (1, 2, 3)  # 1: no checksums; 2: crc32c on every chunk, atomic creation; 3: attributes once
 _VALID_STATUS = (0, 1, 2)
 
 
