@@ -28,6 +28,7 @@ from featcache.errors import FeatcacheError
 from featcache.progress import probe_progress
 from probes.data import ProbeData, Split, merge_train_val, with_carved_val
 from probes.estimators.logreg import LogRegProbe
+from probes.evaluation import metrics
 
 N_FOLDS = 5
 """Patient-grouped folds of the out-of-fold scores that thresholds are chosen on."""
@@ -64,8 +65,6 @@ class Scored:
         Args:
             task: ``multilabel`` (``thr_y`` float [m, L]) or ``multiclass`` (int [m], one-vs-rest).
         """
-        from probes.evaluation import metrics
-
         L = self.test.shape[1]
         out: list[dict[str, tuple[float, str | None]]] = [{"0.5": (0.5, None)} for _ in range(L)]
         if self.thr_s is None or not len(self.thr_s):

@@ -7,7 +7,7 @@ Plain data, no torch: the command line and the study runner build an ``ExtractCo
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,3 @@ def default_set_name(manifest_path: str | os.PathLike, model: str, res: int) -> 
     model_part = Path(model).name if os.path.isdir(model) else model
     model_part = model_part.replace(":", "-").replace("/", "_")
     return f"{Path(manifest_path).stem}/{model_part}/{res}"
-
-
-def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
-    """The run settings as a plain dict."""
-    return asdict(cfg)

@@ -22,7 +22,9 @@ from featcache.store.manifest import Manifest
 
 PENDING, OK, FAILED = 0, 1, 2
 SET_MARKER = "featcache_set"
-FORMAT_VERSION = 3  # 3: each attribute once, "settings" named; 2: crc32c checksums on every chunk; 1: neither (read)
+FORMAT_VERSION = (
+    3  # 3: each attribute once, "settings" named; 2: crc32c checksums on every chunk; 1: neither (read)
+)
 _LARGE_ARRAYS = ("patch", "registers")
 # the string columns also stored as zero-padded UTF-8 bytes (uint8 [N, W]) for readers without
 # variable-length strings (tensorstore, most non-Python Zarr libraries): ``<column>_utf8``

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.special import softmax
 
 from featcache.errors import FeatcacheError
+from probes.evaluation.rank_metrics import auroc as _auroc
 
 TASKS = ("multilabel", "multiclass")
 
@@ -251,8 +252,6 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     Returns:
         AUROC in [0, 1]; NaN when the known labels hold only one class.
     """
-    from probes.evaluation.metrics import auroc as _auroc
-
     y = np.asarray(y_true, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
